@@ -1,0 +1,37 @@
+/* VM configuration: libvirt domain XML (configs/) overridden by the CLI. */
+#ifndef MDVM_CONFIG_H
+#define MDVM_CONFIG_H
+#include <stddef.h>
+#include <stdint.h>
+#include "../mm/mm.h"
+
+enum console_kind { CONSOLE_STDIO = 0, CONSOLE_FILE, CONSOLE_NONE };
+
+struct vm_config {
+	char *name;              /* domain name */
+	uint64_t mem_size;       /* bytes */
+	unsigned ncpus;
+	char *kernel;            /* ELF path (PVH entry) */
+	char *cmdline;           /* may be NULL */
+	char *control_path;      /* QMP socket, may be NULL */
+	enum console_kind console;
+	char *console_path;      /* for CONSOLE_FILE */
+	enum mm_backing backing;
+	int reserve_hugepages;   /* --reserve-hugepages */
+};
+
+#define CONFIG_DEFAULT_MEM   (256ULL << 20)
+#define CONFIG_MAX_CPUS      64
+#define CONFIG_MAX_MEM       (1ULL << 42)   /* 4 TiB */
+
+void config_init(struct vm_config *cfg);   /* defaults */
+void config_free(struct vm_config *cfg);
+/* Parse "512M", "4G", "1T", "4096" (bytes), "64K"; 0 or -1 with err. */
+int  config_parse_size(const char *s, uint64_t *out, char *err, size_t errlen);
+/* Read libvirt domain XML into cfg. Unsupported elements/values are errors. */
+int  config_load_xml(const char *path, struct vm_config *cfg, char *err, size_t errlen);
+/* `mdvm run` options: loads --config (or the default config) then applies
+ * overrides. Returns 0, 1 when --help was printed, -1 on error (err set). */
+int  config_parse_run_args(int argc, char **argv, struct vm_config *cfg, char *err, size_t errlen);
+void config_print_run_usage(void *stream /* FILE* */);
+#endif

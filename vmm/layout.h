@@ -1,0 +1,32 @@
+/* Guest-physical layout and fixed I/O addresses shared by the VMM, devices
+ * and (by copy in guest/) the test guest. Changing one means changing docs/. */
+#ifndef MDVM_LAYOUT_H
+#define MDVM_LAYOUT_H
+
+#define MDVM_PAGE_SIZE          4096ULL
+
+/* Boot structures written by the PVH loader; the page range is "reserved". */
+#define MDVM_BOOT_INFO_GPA      0x6000ULL   /* struct hvm_start_info */
+#define MDVM_BOOT_MEMMAP_GPA    0x6100ULL   /* hvm_memmap_table_entry[] */
+#define MDVM_BOOT_MEMMAP_MAX    64
+#define MDVM_BOOT_CMDLINE_GPA   0x7000ULL
+#define MDVM_BOOT_CMDLINE_MAX   4096        /* including the NUL */
+#define MDVM_BOOT_AREA_START    0x6000ULL
+#define MDVM_BOOT_AREA_END      0x8000ULL
+
+/* 32-bit MMIO hole below 4 GiB: RAM above it is relocated to 4 GiB. */
+#define MDVM_MMIO_HOLE_START    0xC0000000ULL
+#define MDVM_MMIO_HOLE_END      0x100000000ULL
+
+/* Paravirtual test device (MMIO mailbox), see docs/test-guest.md. */
+#define MDVM_TESTDEV_GPA        0xFEB00000ULL
+#define MDVM_TESTDEV_SIZE       0x1000ULL
+
+/* Port I/O */
+#define MDVM_COM1_PORT          0x3f8
+#define MDVM_COM1_IRQ           4
+#define MDVM_DEBUG_EXIT_PORT    0x501   /* out8/out32 v: mdvm exits with status v & 0xff */
+#define MDVM_POWEROFF_PORT      0x604   /* out16 0x2000: power off (as QEMU's PIIX4 PM) */
+#define MDVM_RESET_PORT         0xcf9   /* out8 0x06/0x0e: system reset */
+
+#endif

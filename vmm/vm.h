@@ -1,0 +1,57 @@
+/* The virtual machine: KVM VM fd, vCPU threads, devices, guest memory.
+ * Control-plane functions here are called from the main loop thread. */
+#ifndef MDVM_VM_H
+#define MDVM_VM_H
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include "config.h"
+
+struct vm;
+struct vcpu;
+struct guest_mem;
+
+enum vm_state {
+	VM_STATE_PRELAUNCH = 0,
+	VM_STATE_RUNNING,
+	VM_STATE_PAUSED,          /* stopped by `stop` */
+	VM_STATE_SHUTDOWN,        /* guest powered off / asked to exit */
+	VM_STATE_INTERNAL_ERROR,  /* emulation failure, exception in KVM_RUN */
+};
+/* QMP "status" strings: "prelaunch", "running", "paused", "shutdown", "internal-error" */
+const char *vm_state_name(enum vm_state s);
+
+struct vcpu_info {
+	int cpu_index;
+	pid_t thread_id;
+	bool halted;
+};
+
+struct vm *vm_create(const struct vm_config *cfg, char *err, size_t errlen);
+int  vm_start(struct vm *vm);        /* spawn vCPU threads, running */
+void vm_destroy(struct vm *vm);
+
+enum vm_state vm_get_state(struct vm *vm);
+bool vm_is_running(struct vm *vm);
+/* Stop every vCPU and wait until none is in KVM_RUN. Idempotent. */
+int  vm_pause(struct vm *vm);
+int  vm_resume(struct vm *vm);
+/* Reset vCPUs and devices and reload the kernel; keeps the run state. */
+int  vm_reset(struct vm *vm);
+/* Ask the process to exit with `code` once the main loop gets to it. */
+void vm_request_exit(struct vm *vm, int code, const char *reason);
+
+struct guest_mem *vm_mem(struct vm *vm);
+const struct vm_config *vm_config(struct vm *vm);
+int  vm_ncpus(struct vm *vm);
+void vm_vcpu_info(struct vm *vm, int index, struct vcpu_info *out);
+
+/* Test device: post a command to the guest; `done` runs on the main loop with
+ * the guest's status and response text, or status -1 and resp NULL on
+ * timeout/reset. Returns -1 if a command is already in flight (errno EBUSY). */
+typedef void (*vm_guest_done_fn)(void *opaque, int status, const char *resp);
+int  vm_guest_command(struct vm *vm, const char *cmd, unsigned timeout_ms,
+		      vm_guest_done_fn done, void *opaque);
+/* Completed walk sweeps the guest reported through the test device. */
+uint32_t vm_guest_sweeps(struct vm *vm);
+#endif
