@@ -9,6 +9,7 @@
 #define MDVM_BOOT_INFO_GPA      0x6000ULL   /* struct hvm_start_info */
 #define MDVM_BOOT_MEMMAP_GPA    0x6100ULL   /* hvm_memmap_table_entry[] */
 #define MDVM_BOOT_MEMMAP_MAX    64
+#define MDVM_BOOT_GDT_GPA       0x6f00ULL   /* flat 32-bit GDT for the PVH entry state */
 #define MDVM_BOOT_CMDLINE_GPA   0x7000ULL
 #define MDVM_BOOT_CMDLINE_MAX   4096        /* including the NUL */
 #define MDVM_BOOT_AREA_START    0x6000ULL

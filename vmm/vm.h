@@ -38,8 +38,13 @@ int  vm_pause(struct vm *vm);
 int  vm_resume(struct vm *vm);
 /* Reset vCPUs and devices and reload the kernel; keeps the run state. */
 int  vm_reset(struct vm *vm);
+/* Guest-initiated reset (reset port, triple fault): mdvm exits with status 0,
+ * as a VMM for test guests should (QEMU's -no-reboot). Any thread. */
+void vm_guest_reset(struct vm *vm);
+/* Drive an interrupt line of the in-kernel irqchip. Any thread. */
+void vm_irq_line(struct vm *vm, int irq, int level);
 /* Ask the process to exit with `code` once the main loop gets to it. */
-void vm_request_exit(struct vm *vm, int code, const char *reason);
+void vm_request_exit(struct vm *vm, int code, const char *reason);  /* any thread */
 
 struct guest_mem *vm_mem(struct vm *vm);
 const struct vm_config *vm_config(struct vm *vm);

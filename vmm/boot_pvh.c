@@ -1,0 +1,191 @@
+/* PVH boot: load the PT_LOAD segments of an ELF kernel at their physical
+ * addresses and describe memory and the command line in hvm_start_info
+ * (xen/include/public/arch-x86/hvm/start_info.h). */
+#include <elf.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "boot.h"
+#include "layout.h"
+#include "../mm/mm.h"
+
+#define XEN_ELFNOTE_PHYS32_ENTRY 18
+#define HVM_START_MAGIC 0x336ec578
+#define E820_RAM      1
+#define E820_RESERVED 2
+
+struct hvm_start_info {
+	uint32_t magic, version, flags, nr_modules;
+	uint64_t modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;
+	uint32_t memmap_entries, reserved;
+};
+
+struct hvm_memmap_table_entry {
+	uint64_t addr, size;
+	uint32_t type, reserved;
+};
+
+#define BERR(...) ({ snprintf(err, errlen, __VA_ARGS__); -1; })
+
+/* Find the PVH entry in the notes of [p, p+len). */
+static int find_pvh_note(const uint8_t *p, size_t len, uint64_t *entry)
+{
+	size_t off = 0;
+
+	while (off + sizeof(Elf64_Nhdr) <= len) {
+		const Elf64_Nhdr *n = (const void *)(p + off);
+		size_t name = off + sizeof(*n);
+		size_t desc = name + ((n->n_namesz + 3) & ~3u);
+		size_t next = desc + ((n->n_descsz + 3) & ~3u);
+
+		if (next > len || next <= off)
+			return -1;
+		if (n->n_type == XEN_ELFNOTE_PHYS32_ENTRY && n->n_namesz == 4 &&
+		    !memcmp(p + name, "Xen", 4)) {
+			if (n->n_descsz == 4)
+				*entry = *(const uint32_t *)(p + desc);
+			else if (n->n_descsz == 8)
+				*entry = *(const uint64_t *)(p + desc);
+			else
+				return -1;
+			return 0;
+		}
+		off = next;
+	}
+	return -1;
+}
+
+static int write_start_info(struct guest_mem *gm, const char *cmdline, char *err, size_t errlen)
+{
+	struct hvm_memmap_table_entry map[MDVM_BOOT_MEMMAP_MAX];
+	struct mm_range ram[8];
+	size_t nram = mm_ram_ranges(gm, ram, 8), n = 0;
+	struct hvm_start_info si = { .magic = HVM_START_MAGIC, .version = 1 };
+	size_t clen = cmdline ? strlen(cmdline) : 0;
+
+#define ADD(a, s, t) do { if ((s) > 0 && n < MDVM_BOOT_MEMMAP_MAX) \
+	map[n++] = (struct hvm_memmap_table_entry){ (a), (s), (t), 0 }; } while (0)
+	for (size_t i = 0; i < nram; i++) {
+		uint64_t a = ram[i].gpa, e = ram[i].gpa + ram[i].size;
+		if (a == 0 && e > 0x100000) {
+			/* Low memory: boot structures and the legacy 640K-1M area. */
+			ADD(0, MDVM_BOOT_AREA_START, E820_RAM);
+			ADD(MDVM_BOOT_AREA_START, MDVM_BOOT_AREA_END - MDVM_BOOT_AREA_START, E820_RESERVED);
+			ADD(MDVM_BOOT_AREA_END, 0x9fc00 - MDVM_BOOT_AREA_END, E820_RAM);
+			ADD(0x9fc00, 0x100000 - 0x9fc00, E820_RESERVED);
+			ADD(0x100000, e - 0x100000, E820_RAM);
+		} else {
+			ADD(a, e - a, E820_RAM);
+		}
+	}
+#undef ADD
+	if (clen >= MDVM_BOOT_CMDLINE_MAX)
+		return BERR("command line too long (%zu bytes, max %d)", clen, MDVM_BOOT_CMDLINE_MAX - 1);
+	si.cmdline_paddr = clen ? MDVM_BOOT_CMDLINE_GPA : 0;
+	si.memmap_paddr = MDVM_BOOT_MEMMAP_GPA;
+	si.memmap_entries = n;
+	mm_mark_reserved(gm, MDVM_BOOT_AREA_START, MDVM_BOOT_AREA_END - MDVM_BOOT_AREA_START);
+	if (mm_write(gm, MDVM_BOOT_INFO_GPA, &si, sizeof(si)) < 0 ||
+	    mm_write(gm, MDVM_BOOT_MEMMAP_GPA, map, n * sizeof(map[0])) < 0 ||
+	    (clen && mm_write(gm, MDVM_BOOT_CMDLINE_GPA, cmdline, clen + 1) < 0))
+		return BERR("cannot write boot information into guest memory");
+	return 0;
+}
+
+int boot_load_pvh(struct guest_mem *gm, const char *path, const char *cmdline,
+		  struct boot_image *img, char *err, size_t errlen)
+{
+	struct stat st;
+	uint8_t *p;
+	const Elf64_Ehdr *eh;
+	int fd, ret = -1;
+	bool have_entry = false;
+
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return BERR("kernel '%s': %s", path, strerror(errno));
+	if (fstat(fd, &st) < 0 || st.st_size < (off_t)sizeof(Elf64_Ehdr)) {
+		close(fd);
+		return BERR("kernel '%s': not an ELF file (too small)", path);
+	}
+	p = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+	close(fd);
+	if (p == MAP_FAILED)
+		return BERR("kernel '%s': %s", path, strerror(errno));
+	eh = (const void *)p;
+	if (memcmp(eh->e_ident, ELFMAG, SELFMAG)) {
+		BERR("kernel '%s': not an ELF file", path);
+		goto out;
+	}
+	if (eh->e_ident[EI_CLASS] != ELFCLASS64 || eh->e_machine != EM_X86_64) {
+		BERR("kernel '%s': not a 64-bit x86 ELF", path);
+		goto out;
+	}
+	if (eh->e_phoff > (uint64_t)st.st_size ||
+	    eh->e_phentsize != sizeof(Elf64_Phdr) ||
+	    eh->e_phnum > ((uint64_t)st.st_size - eh->e_phoff) / sizeof(Elf64_Phdr)) {
+		BERR("kernel '%s': corrupt program headers", path);
+		goto out;
+	}
+	img->load_start = UINT64_MAX;
+	img->load_end = 0;
+	for (int i = 0; i < eh->e_phnum; i++) {
+		const Elf64_Phdr *ph = (const void *)(p + eh->e_phoff + i * sizeof(Elf64_Phdr));
+
+		if (ph->p_offset > (uint64_t)st.st_size || ph->p_filesz > (uint64_t)st.st_size - ph->p_offset) {
+			BERR("kernel '%s': segment %d extends past the end of the file", path, i);
+			goto out;
+		}
+		if (ph->p_type == PT_NOTE && !have_entry)
+			have_entry = !find_pvh_note(p + ph->p_offset, ph->p_filesz, &img->entry);
+		if (ph->p_type != PT_LOAD || ph->p_memsz == 0)
+			continue;
+		if (ph->p_filesz > ph->p_memsz || ph->p_paddr + ph->p_memsz < ph->p_paddr ||
+		    !mm_gpa_to_hva(gm, ph->p_paddr, ph->p_memsz)) {
+			BERR("kernel '%s': segment %d [0x%llx-0x%llx) is not in guest RAM", path, i,
+			     (unsigned long long)ph->p_paddr, (unsigned long long)(ph->p_paddr + ph->p_memsz));
+			goto out;
+		}
+		if (ph->p_paddr < MDVM_BOOT_AREA_END && ph->p_paddr + ph->p_memsz > MDVM_BOOT_AREA_START) {
+			BERR("kernel '%s': segment %d overlaps the boot area [0x%llx-0x%llx)", path, i,
+			     MDVM_BOOT_AREA_START, MDVM_BOOT_AREA_END);
+			goto out;
+		}
+		if (mm_write(gm, ph->p_paddr, p + ph->p_offset, ph->p_filesz) < 0) {
+			BERR("kernel '%s': cannot write segment %d", path, i);
+			goto out;
+		}
+		/* .bss: guest RAM may hold an earlier run's data (reset). */
+		if (ph->p_memsz > ph->p_filesz) {
+			uint64_t gpa = ph->p_paddr + ph->p_filesz, left = ph->p_memsz - ph->p_filesz;
+			static const uint8_t zero[4096];
+			while (left) {
+				uint64_t n = left < sizeof(zero) ? left : sizeof(zero);
+				mm_write(gm, gpa, zero, n);
+				gpa += n;
+				left -= n;
+			}
+		}
+		if (ph->p_paddr < img->load_start)
+			img->load_start = ph->p_paddr;
+		if (ph->p_paddr + ph->p_memsz > img->load_end)
+			img->load_end = ph->p_paddr + ph->p_memsz;
+	}
+	if (!have_entry) {
+		BERR("kernel '%s': no PVH entry point (ELF note XEN_ELFNOTE_PHYS32_ENTRY)", path);
+		goto out;
+	}
+	if (img->load_end == 0) {
+		BERR("kernel '%s': no loadable segments", path);
+		goto out;
+	}
+	ret = write_start_info(gm, cmdline, err, errlen);
+out:
+	munmap(p, st.st_size);
+	return ret;
+}

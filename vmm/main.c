@@ -1,0 +1,100 @@
+/* mdvm entry point: `mdvm run ...` launches a VM, `mdvm ctl ...` talks to one. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "config.h"
+#include "ctl.h"
+#include "loop.h"
+#include "qmp.h"
+#include "util.h"
+#include "vm.h"
+
+void commands_register_memory(struct vm *vm);
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: mdvm run [options]       launch a VM (mdvm run --help)\n"
+		"       mdvm ctl [options] CMD   control a running VM (mdvm ctl --help)\n"
+		"       mdvm --version\n");
+}
+
+static void on_terminate(int sig)
+{
+	(void)sig;
+	loop_quit(128 + sig);
+}
+
+static int run_main(int argc, char **argv)
+{
+	struct vm_config cfg;
+	char err[512];
+	struct vm *vm;
+	int ret;
+
+	config_init(&cfg);
+	ret = config_parse_run_args(argc, argv, &cfg, err, sizeof(err));
+	if (ret < 0) {
+		fprintf(stderr, "mdvm: %s\n", err);
+		config_free(&cfg);
+		return 2;
+	}
+	if (ret > 0) {   /* --help or --check-config: printed, nothing to run */
+		config_free(&cfg);
+		return 0;
+	}
+	if (loop_init() < 0) {
+		fprintf(stderr, "mdvm: cannot create the event loop\n");
+		return 1;
+	}
+	vm = vm_create(&cfg, err, sizeof(err));
+	if (!vm) {
+		fprintf(stderr, "mdvm: %s\n", err);
+		config_free(&cfg);
+		return 1;
+	}
+	commands_register(vm);
+	commands_register_memory(vm);
+	if (cfg.control_path && qmp_server_start(cfg.control_path, err, sizeof(err)) < 0) {
+		fprintf(stderr, "mdvm: %s\n", err);
+		vm_destroy(vm);
+		config_free(&cfg);
+		return 1;
+	}
+	signal(SIGPIPE, SIG_IGN);
+	signal(SIGINT, on_terminate);
+	signal(SIGTERM, on_terminate);
+	if (vm_start(vm) < 0) {
+		ret = 1;
+	} else {
+		ret = loop_run();
+	}
+	qmp_server_stop();
+	vm_destroy(vm);
+	config_free(&cfg);
+	return ret;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2) {
+		usage(stderr);
+		return 2;
+	}
+	if (!strcmp(argv[1], "run"))
+		return run_main(argc - 1, argv + 1);
+	if (!strcmp(argv[1], "ctl"))
+		return ctl_main(argc - 1, argv + 1);
+	if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+		usage(stdout);
+		return 0;
+	}
+	if (!strcmp(argv[1], "--version")) {
+		printf("mdvm 0.1\n");
+		return 0;
+	}
+	fprintf(stderr, "mdvm: unknown command '%s'\n", argv[1]);
+	usage(stderr);
+	return 2;
+}
