@@ -189,10 +189,9 @@ static void cmd_quit(struct qmp_req *req, json_t *args, void *opaque)
 	if (!args_check(req, args, no_args))
 		return;
 	/* Reply first: the reply is queued (normally already written) before
-	 * the loop gets to the exit request, and qmp_server_stop() flushes. */
+	 * the loop gets to the exit request, and qmp_server_stop() flushes.
+	 * vm_request_exit() emits SHUTDOWN {"reason": "host-qmp-quit"}. */
 	qmp_reply_ok(req, NULL);
-	qmp_emit_event("SHUTDOWN", json_pack("{s:b,s:s}", "guest", 0,
-					     "reason", "host-qmp-quit"));
 	vm_request_exit(vm, 0, "quit");
 }
 

@@ -8,7 +8,8 @@
  *
  * Threading rules:
  *  - loop_add_fd/loop_del_fd: main thread (or before loop_run starts).
- *  - loop_call, loop_add_timer, loop_cancel_timer, loop_quit: any thread.
+ *  - loop_call, loop_add_timer, loop_cancel_timer, loop_quit: any thread;
+ *    loop_quit is also async-signal-safe.
  *    loop_cancel_timer on the main thread guarantees the callback will not
  *    run afterwards; from another thread it may race with a firing timer.
  */
@@ -59,7 +60,9 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct call *calls_head, **calls_tail = &calls_head;
 static struct timer *timers;
 static int next_timer_id = 1;
-static bool quit_requested;
+/* Not under lock (loop_quit must be async-signal-safe): 0 none, 1 being
+ * set, 2 quit_code valid. */
+static int quit_state;
 static int quit_code;
 
 static void wake(void)
@@ -217,24 +220,22 @@ void loop_cancel_timer(int id)
 
 void loop_quit(int code)
 {
-	pthread_mutex_lock(&lock);
-	/* The first request wins: a later "quit" must not mask the exit code
+	int expected = 0;
+
+	/* Lock-free, so it is async-signal-safe (main.c calls it from SIGTERM).
+	 * The first request wins: a later "quit" must not mask the exit code
 	 * of, say, a guest poweroff that is already being handled. */
-	if (!quit_requested) {
-		quit_requested = true;
-		quit_code = code;
+	if (__atomic_compare_exchange_n(&quit_state, &expected, 1, false,
+					__ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+		__atomic_store_n(&quit_code, code, __ATOMIC_SEQ_CST);
+		__atomic_store_n(&quit_state, 2, __ATOMIC_SEQ_CST);
 	}
-	pthread_mutex_unlock(&lock);
 	wake();
 }
 
 static bool quitting(void)
 {
-	bool q;
-	pthread_mutex_lock(&lock);
-	q = quit_requested;
-	pthread_mutex_unlock(&lock);
-	return q;
+	return __atomic_load_n(&quit_state, __ATOMIC_SEQ_CST) != 0;
 }
 
 /* epoll_wait timeout in ms from the earliest timer, rounded up so we never
@@ -243,8 +244,10 @@ static int next_timeout(void)
 {
 	int ms = -1;
 
+	if (quitting())
+		return 0;
 	pthread_mutex_lock(&lock);
-	if (calls_head || quit_requested) {
+	if (calls_head) {
 		ms = 0;
 	} else if (timers) {
 		uint64_t now = monotonic_ns();
@@ -347,10 +350,10 @@ int loop_run(void)
 		bury();
 	}
 	/* Reset so the loop can be run again (unit tests do). */
-	pthread_mutex_lock(&lock);
-	code = quit_code;
-	quit_requested = false;
-	quit_code = 0;
-	pthread_mutex_unlock(&lock);
+	while (__atomic_load_n(&quit_state, __ATOMIC_SEQ_CST) == 1)
+		;   /* a loop_quit() between its two stores */
+	code = __atomic_load_n(&quit_code, __ATOMIC_SEQ_CST);
+	__atomic_store_n(&quit_code, 0, __ATOMIC_SEQ_CST);
+	__atomic_store_n(&quit_state, 0, __ATOMIC_SEQ_CST);
 	return code;
 }
