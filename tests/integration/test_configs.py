@@ -1,0 +1,183 @@
+"""configs/*.xml are valid libvirt domain XML and mdvm reads them; mdvm's
+config errors name the file and line. Uses `mdvm run --check-config`, which
+parses and validates everything, prints the resolved config and creates no VM."""
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from mdvmtest import MDVM, ROOT
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.xml")))
+NS = "https://mdvm.dev/schemas/domain/1.0"
+
+
+def validate(path):
+    exe = shutil.which("virt-xml-validate")
+    assert exe, "virt-xml-validate not found (Debian package libvirt-clients; make deps)"
+    return subprocess.run([exe, path, "domain"], capture_output=True, text=True, timeout=60)
+
+
+def check_config(*args, cwd=ROOT):
+    return subprocess.run([MDVM, "run", "--check-config", *args], capture_output=True,
+                          text=True, timeout=30, cwd=cwd)
+
+
+def resolved(out):
+    return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+
+
+def test_configs_exist():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert {"default.xml", "walk.xml", "hugetlb.xml"} <= names, names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_passes_virt_xml_validate(path):
+    r = validate(path)
+    assert r.returncode == 0, "virt-xml-validate %s failed:\n%s%s" % (path, r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_accepted_by_mdvm(path):
+    r = check_config("--config", path)
+    assert r.returncode == 0, "mdvm rejected %s:\n%s" % (path, r.stderr)
+    cfg = resolved(r.stdout)
+    for key in ("name", "memory", "cpus", "kernel", "cmdline", "console", "backing"):
+        assert key in cfg, r.stdout
+    assert os.path.samefile(cfg["kernel"], os.path.join(ROOT, "guest", "mdvm-guest.elf"))
+
+
+def test_default_config_values():
+    r = check_config("--config", "configs/default.xml")
+    assert r.returncode == 0, r.stderr
+    cfg = resolved(r.stdout)
+    assert cfg["name"] == "mdvm-default"
+    assert cfg["memory"] == "256 MiB (268435456 bytes)"
+    assert cfg["cpus"] == "2"
+    assert cfg["cmdline"] == ("echo hello from the mdvm test guest; fill size=1M; "
+                              "verify size=1M; poweroff")
+    assert cfg["console"] == "stdio"
+    assert cfg["backing"] == "auto"
+
+
+def test_default_config_used_without_config_or_kernel():
+    r = check_config()   # cwd is the repository root: configs/default.xml
+    assert r.returncode == 0, r.stderr
+    assert resolved(r.stdout)["name"] == "mdvm-default"
+
+
+def test_no_kernel_outside_repo(tmp_path):
+    r = check_config(cwd=tmp_path)
+    assert r.returncode != 0
+    assert "no kernel: give --kernel ELF or --config FILE" in r.stderr
+
+
+def test_cli_overrides_config():
+    r = check_config("--memory", "1G", "--config", "configs/walk.xml", "--cpus", "3",
+                     "--cmdline", "idle", "--console", "none", "--backing", "memfd",
+                     "--control", "/tmp/mdvm-test.sock")
+    assert r.returncode == 0, r.stderr
+    cfg = resolved(r.stdout)
+    assert cfg["name"] == "mdvm-walk"
+    assert cfg["memory"] == "1 GiB (1073741824 bytes)"
+    assert cfg["cpus"] == "3"
+    assert cfg["cmdline"] == "idle"
+    assert cfg["console"] == "none"
+    assert cfg["backing"] == "memfd"
+    assert cfg["control"] == "/tmp/mdvm-test.sock"
+
+
+def domain(body, os_body="<type arch='x86_64'>hvm</type>"):
+    """A libvirt-valid domain with the test guest's kernel and `body` added."""
+    return ("<domain type='kvm'>\n"
+            "  <name>t</name>\n"
+            "  <memory unit='MiB'>64</memory>\n"
+            "  <os>%s<kernel>%s</kernel></os>\n"
+            "%s\n"
+            "</domain>\n" % (os_body, os.path.join(ROOT, "guest", "mdvm-guest.elf"), body))
+
+
+# (what is added at line 5, expected message after "<file>:")
+BAD = [
+    ("  <devices>\n    <interface type='network'><source network='default'/></interface>\n  </devices>",
+     "6: <interface> is not supported by mdvm"),
+    ("  <devices><disk type='file' device='disk'><source file='/d.img'/>"
+     "<target dev='vda'/></disk></devices>",
+     "5: <disk> is not supported by mdvm"),
+    ("  <cpu mode='host-passthrough'/>", "5: <cpu> is not supported by mdvm"),
+    ("  <features><acpi/></features>", "5: <features> is not supported by mdvm"),
+    ("  <currentMemory unit='MiB'>32</currentMemory>",
+     "5: currentMemory != memory is not supported; use the balloon"),
+    ("  <vcpu cpuset='0-1'>2</vcpu>", "5: attribute 'cpuset' of <vcpu> is not supported by mdvm"),
+    ("  <metadata><mdvm:config xmlns:mdvm='%s'><mdvm:backing>huge</mdvm:backing>"
+     "</mdvm:config></metadata>" % NS,
+     "5: <mdvm:backing>: unknown backing 'huge'"),
+]
+
+
+@pytest.mark.parametrize("body,msg", BAD, ids=[m.split(":")[1].strip() for _, m in BAD])
+def test_bad_config_rejected(tmp_path, body, msg):
+    path = tmp_path / "bad.xml"
+    path.write_text(domain(body))
+    # Valid libvirt XML, so the rejection is mdvm's own choice, with a reason.
+    v = validate(str(path))
+    assert v.returncode == 0, v.stderr
+    r = check_config("--config", str(path))
+    assert r.returncode != 0
+    assert "%s:%s" % (path, msg) in r.stderr, r.stderr
+    assert r.stdout == ""
+
+
+def test_bad_os_rejected(tmp_path):
+    path = tmp_path / "initrd.xml"
+    path.write_text(domain("", os_body="<type arch='x86_64'>hvm</type><initrd>/boot/initrd.img</initrd>"))
+    r = check_config("--config", str(path))
+    assert r.returncode != 0
+    assert "%s:4: initrd is not supported yet" % path in r.stderr, r.stderr
+
+
+def test_domain_type_must_be_kvm(tmp_path):
+    path = tmp_path / "qemu.xml"
+    path.write_text(domain("").replace("type='kvm'", "type='qemu'"))
+    r = check_config("--config", str(path))
+    assert r.returncode != 0
+    assert "%s:1: <domain type='qemu'>: mdvm runs only type='kvm' domains" % path in r.stderr
+
+
+def test_malformed_xml(tmp_path):
+    path = tmp_path / "broken.xml"
+    path.write_text("<domain type='kvm'>\n<name>x</name>\n")
+    r = check_config("--config", str(path))
+    assert r.returncode != 0
+    assert str(path) + ":" in r.stderr, r.stderr
+
+
+def test_missing_config(tmp_path):
+    r = check_config("--config", str(tmp_path / "nope.xml"))
+    assert r.returncode != 0
+    assert "%s: No such file or directory" % (tmp_path / "nope.xml") in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--foo"], "unknown option '--foo' (see mdvm run --help)"),
+    (["--memory", "4X"], "invalid size '4X': expected a number with an optional K/M/G/T suffix"),
+    (["--cpus", "0"], "invalid vCPU count '0': expected a number from 1 to 64"),
+    (["--kernel", "/nonexistent/vmlinux"], "kernel '/nonexistent/vmlinux': No such file or directory"),
+    (["--console", "tty"], "invalid --console 'tty': expected stdio, file:PATH or none"),
+    (["extra"], "unexpected argument 'extra'"),
+])
+def test_cli_errors(args, msg):
+    r = check_config("--config", "configs/default.xml", *args)
+    assert r.returncode != 0
+    assert msg in r.stderr, r.stderr
+
+
+def test_help():
+    r = subprocess.run([MDVM, "run", "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
+    for opt in ("--config", "--memory", "--cpus", "--kernel", "--cmdline", "--control",
+                "--console", "--backing", "--reserve-hugepages", "--help"):
+        assert opt in r.stdout, opt
