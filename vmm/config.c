@@ -10,6 +10,9 @@
  * an error naming the file, line and element: silently ignoring a <disk> or
  * an <interface> would boot a VM that differs from what the file describes.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE   /* asprintf, strndup; the Makefile also defines it */
+#endif
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -1141,14 +1144,56 @@ static int check_kernel(const char *path, char *err, size_t errlen)
 		seterr(err, errlen, "kernel '%s': %s", path, strerror(errno));
 		return -1;
 	}
-	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-		seterr(err, errlen, "kernel '%s': %s", path,
-		       S_ISDIR(st.st_mode) ? strerror(EISDIR) : "not a regular file");
+	if (fstat(fd, &st) < 0) {
+		seterr(err, errlen, "kernel '%s': %s", path, strerror(errno));
 		close(fd);
 		return -1;
 	}
 	close(fd);
+	if (!S_ISREG(st.st_mode)) {
+		seterr(err, errlen, "kernel '%s': %s", path,
+		       S_ISDIR(st.st_mode) ? strerror(EISDIR) : "not a regular file");
+		return -1;
+	}
 	return 0;
+}
+
+/* The console file is created when the VM starts; catch the usual mistakes
+ * (missing directory, a directory as the file) now, without creating it. */
+static int check_console_file(const char *path, char *err, size_t errlen)
+{
+	struct stat st;
+	char *dir, *slash;
+	int ret = 0;
+
+	if (!path || !*path) {
+		seterr(err, errlen, "console file: empty path");
+		return -1;
+	}
+	if (stat(path, &st) == 0) {
+		if (S_ISDIR(st.st_mode)) {
+			seterr(err, errlen, "console file '%s': %s", path, strerror(EISDIR));
+			return -1;
+		}
+		return 0;
+	}
+	dir = cfg_strdup(path);
+	slash = strrchr(dir, '/');
+	if (slash) {
+		if (slash == dir)
+			slash[1] = '\0';
+		else
+			*slash = '\0';
+		if (stat(dir, &st) < 0) {
+			seterr(err, errlen, "console file '%s': %s", path, strerror(errno));
+			ret = -1;
+		} else if (!S_ISDIR(st.st_mode)) {
+			seterr(err, errlen, "console file '%s': %s", path, strerror(ENOTDIR));
+			ret = -1;
+		}
+	}
+	free(dir);
+	return ret;
 }
 
 static void print_config(FILE *f, const struct vm_config *cfg)
@@ -1297,10 +1342,8 @@ int config_parse_run_args(int argc, char **argv, struct vm_config *cfg, char *er
 	}
 	if (check_kernel(cfg->kernel, err, errlen) < 0)
 		return -1;
-	if (cfg->console == CONSOLE_FILE && (!cfg->console_path || !*cfg->console_path)) {
-		seterr(err, errlen, "console file: empty path");
+	if (cfg->console == CONSOLE_FILE && check_console_file(cfg->console_path, err, errlen) < 0)
 		return -1;
-	}
 	if (cfg->reserve_hugepages && cfg->backing != MM_BACKING_HUGETLB &&
 	    cfg->backing != MM_BACKING_AUTO) {
 		seterr(err, errlen, "--reserve-hugepages needs --backing hugetlb or auto (backing is %s)",

@@ -667,6 +667,9 @@ START_TEST(cli_errors)
 		{ { "--kernel", "K", "--control", "" }, "--control: empty path" },
 		{ { "--kernel", "/nonexistent/vmlinux" }, "kernel '/nonexistent/vmlinux': No such file or directory" },
 		{ { "--kernel", "/" }, "kernel '/': Is a directory" },
+		{ { "--kernel", "K", "--console", "file:/nonexistent/c.log" },
+		  "console file '/nonexistent/c.log': No such file or directory" },
+		{ { "--kernel", "K", "--console", "file:/tmp" }, "console file '/tmp': Is a directory" },
 		{ { "--config", "/nonexistent.xml" }, "/nonexistent.xml: No such file or directory" },
 	};
 
