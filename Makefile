@@ -69,7 +69,7 @@ unit-asan: $(B)/unit-tests-asan
 	CK_FORK=no ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $(B)/unit-tests-asan
 
 integration: $(MDVM) $(GUEST)
-	python3 -m pytest -q tests/integration
+	/usr/bin/python3 -m pytest -q tests/integration
 
 test: deps
 	$(MAKE) all

@@ -132,6 +132,16 @@ int boot_load_pvh(struct guest_mem *gm, const char *path, const char *cmdline,
 		BERR("kernel '%s': corrupt program headers", path);
 		goto out;
 	}
+	for (int i = 0; i < eh->e_phnum && !have_entry; i++) {
+		const Elf64_Phdr *ph = (const void *)(p + eh->e_phoff + i * sizeof(Elf64_Phdr));
+		if (ph->p_type == PT_NOTE && ph->p_offset <= (uint64_t)st.st_size &&
+		    ph->p_filesz <= (uint64_t)st.st_size - ph->p_offset)
+			have_entry = !find_pvh_note(p + ph->p_offset, ph->p_filesz, &img->entry);
+	}
+	if (!have_entry) {
+		BERR("kernel '%s': no PVH entry point (ELF note XEN_ELFNOTE_PHYS32_ENTRY)", path);
+		goto out;
+	}
 	img->load_start = UINT64_MAX;
 	img->load_end = 0;
 	for (int i = 0; i < eh->e_phnum; i++) {
@@ -141,8 +151,6 @@ int boot_load_pvh(struct guest_mem *gm, const char *path, const char *cmdline,
 			BERR("kernel '%s': segment %d extends past the end of the file", path, i);
 			goto out;
 		}
-		if (ph->p_type == PT_NOTE && !have_entry)
-			have_entry = !find_pvh_note(p + ph->p_offset, ph->p_filesz, &img->entry);
 		if (ph->p_type != PT_LOAD || ph->p_memsz == 0)
 			continue;
 		if (ph->p_filesz > ph->p_memsz || ph->p_paddr + ph->p_memsz < ph->p_paddr ||
@@ -175,10 +183,6 @@ int boot_load_pvh(struct guest_mem *gm, const char *path, const char *cmdline,
 			img->load_start = ph->p_paddr;
 		if (ph->p_paddr + ph->p_memsz > img->load_end)
 			img->load_end = ph->p_paddr + ph->p_memsz;
-	}
-	if (!have_entry) {
-		BERR("kernel '%s': no PVH entry point (ELF note XEN_ELFNOTE_PHYS32_ENTRY)", path);
-		goto out;
 	}
 	if (img->load_end == 0) {
 		BERR("kernel '%s': no loadable segments", path);

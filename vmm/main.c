@@ -10,7 +10,7 @@
 #include "util.h"
 #include "vm.h"
 
-void commands_register_memory(struct vm *vm);
+void commands_register_memory(struct vm *vm) __attribute__((weak));
 
 static void usage(FILE *f)
 {
@@ -55,7 +55,8 @@ static int run_main(int argc, char **argv)
 		return 1;
 	}
 	commands_register(vm);
-	commands_register_memory(vm);
+	if (commands_register_memory)
+		commands_register_memory(vm);
 	if (cfg.control_path && qmp_server_start(cfg.control_path, err, sizeof(err)) < 0) {
 		fprintf(stderr, "mdvm: %s\n", err);
 		vm_destroy(vm);
