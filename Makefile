@@ -23,6 +23,10 @@ OBJS      = $(patsubst %.c,$(B)/%.o,$(VMM_SRCS) $(MM_SRCS))
 .PHONY: all deps run test unit unit-asan integration bench clean
 all: $(MDVM) $(GUEST)
 
+# Feature fragments (mk/*.mk) add targets and append to these.
+TEST_EXTRA =
+BENCH_TARGETS =
+
 # Debian 12 packages needed to build, test and benchmark.
 DEB_PKGS = build-essential pkg-config libjansson-dev libxml2-dev liburing-dev check \
            libxml2-utils libvirt-clients qemu-system-x86 python3 python3-pytest
@@ -76,6 +80,11 @@ test: deps
 	$(MAKE) unit
 	$(MAKE) unit-asan
 	$(MAKE) integration
+	$(if $(strip $(TEST_EXTRA)),$(MAKE) $(TEST_EXTRA))
+
+bench: deps
+	$(MAKE) all
+	$(if $(strip $(BENCH_TARGETS)),$(MAKE) $(BENCH_TARGETS),@echo "no benchmarks yet")
 
 run: deps
 	$(MAKE) all
@@ -83,5 +92,7 @@ run: deps
 
 clean:
 	rm -rf $(B) $(GUEST)
+
+include $(wildcard mk/*.mk)
 
 -include $(shell find $(B) -name '*.d' 2>/dev/null)
