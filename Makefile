@@ -17,6 +17,8 @@ VMM_SRCS  = $(wildcard vmm/*.c) $(wildcard devices/*.c)
 # Sources the unit tests link against (no KVM, no main()).
 UNIT_LIB_SRCS = $(MM_SRCS) vmm/config.c vmm/util.c
 UNIT_SRCS = $(wildcard tests/unit/*.c)
+# Included by test_qmp.c itself (not linked separately), listed for rebuilds.
+UNIT_INCLUDED_SRCS = vmm/loop.c vmm/qmp.c
 
 OBJS      = $(patsubst %.c,$(B)/%.o,$(VMM_SRCS) $(MM_SRCS))
 
@@ -61,9 +63,9 @@ $(B)/unit/suites.h: $(UNIT_SRCS)
 	@mkdir -p $(dir $@)
 	@grep -ho '^Suite \*[a-z0-9_]*_suite(void)' $(UNIT_SRCS) | sed 's/^Suite \*\(.*\)(void)/SUITE(\1)/' > $@.tmp
 	@cmp -s $@.tmp $@ || mv $@.tmp $@; rm -f $@.tmp
-$(B)/unit-tests: $(UNIT_SRCS) $(UNIT_LIB_SRCS) $(B)/unit/suites.h
+$(B)/unit-tests: $(UNIT_SRCS) $(UNIT_LIB_SRCS) $(UNIT_INCLUDED_SRCS) $(B)/unit/suites.h
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) -I$(B)/unit -o $@ $(UNIT_SRCS) $(UNIT_LIB_SRCS) $(PKG_LIBS) $(CHECK_LIBS)
-$(B)/unit-tests-asan: $(UNIT_SRCS) $(UNIT_LIB_SRCS) $(B)/unit/suites.h
+$(B)/unit-tests-asan: $(UNIT_SRCS) $(UNIT_LIB_SRCS) $(UNIT_INCLUDED_SRCS) $(B)/unit/suites.h
 	$(CC) $(CFLAGS) -O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all \
 	  $(PKG_CFLAGS) -I$(B)/unit -o $@ $(UNIT_SRCS) $(UNIT_LIB_SRCS) $(PKG_LIBS) $(CHECK_LIBS)
 

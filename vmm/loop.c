@@ -132,7 +132,6 @@ int loop_add_fd(int fd, uint32_t epoll_events, loop_fd_fn fn, void *opaque)
 
 /* Change the events of a registered fd (e.g. add EPOLLOUT while output is
  * queued). Not in loop.h on purpose: callers that need it declare it. */
-int loop_mod_fd(int fd, uint32_t epoll_events);
 int loop_mod_fd(int fd, uint32_t epoll_events)
 {
 	struct fd_handler *h;

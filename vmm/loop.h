@@ -10,6 +10,7 @@ typedef void (*loop_call_fn)(void *opaque);
 int  loop_init(void);
 int  loop_add_fd(int fd, uint32_t epoll_events, loop_fd_fn fn, void *opaque);
 void loop_del_fd(int fd);
+int  loop_mod_fd(int fd, uint32_t epoll_events);
 /* Thread-safe: run fn(opaque) on the main loop thread soon. */
 void loop_call(loop_call_fn fn, void *opaque);
 /* One-shot timer on the main loop; returns an id > 0 for loop_cancel_timer. */

@@ -36,7 +36,6 @@
 #include "util.h"
 
 /* In loop.c, not (yet) in loop.h: change the event mask of a registered fd. */
-int loop_mod_fd(int fd, uint32_t epoll_events);
 
 #define QMP_MAX_INPUT    (1u << 20)   /* buffered bytes without a complete message */
 #define QMP_MAX_OUTPUT   (16u << 20)  /* unread output before a client is dropped */
