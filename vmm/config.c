@@ -123,6 +123,7 @@ void config_free(struct vm_config *cfg)
 		return;
 	free(cfg->name);
 	free(cfg->kernel);
+	free(cfg->initrd);
 	free(cfg->cmdline);
 	free(cfg->control_path);
 	free(cfg->console_path);
@@ -488,7 +489,7 @@ static int xml_vcpu(struct xml_ctx *x, xmlNodePtr n)
 
 static int xml_os(struct xml_ctx *x, xmlNodePtr n)
 {
-	int have_type = 0, have_cmdline = 0, have_kernel = 0;
+	int have_type = 0, have_cmdline = 0, have_kernel = 0, have_initrd = 0;
 
 	if (dup_check(x, n, &x->have_os) < 0 || check_attrs(x, n, NULL) < 0)
 		return -1;
@@ -545,8 +546,19 @@ static int xml_os(struct xml_ctx *x, xmlNodePtr n)
 			set_str(&x->cfg->cmdline, t ? (const char *)t : "");
 			xmlFree(t);
 		} else if (is(c, "initrd")) {
-			xerr(x, c, "initrd is not supported yet");
-			return -1;
+			char *t;
+
+			if (dup_check(x, c, &have_initrd) < 0 || check_attrs(x, c, NULL) < 0)
+				return -1;
+			t = node_text(c);
+			if (!*t) {
+				free(t);
+				xerr(x, c, "<initrd> is empty");
+				return -1;
+			}
+			free(x->cfg->initrd);
+			x->cfg->initrd = resolve_path(x, t);
+			free(t);
 		} else if (is(c, "loader") || is(c, "boot") || is(c, "nvram")) {
 			xerr(x, c, "<%s> is not supported by mdvm: it boots an ELF kernel directly, use <kernel>",
 			     nname(c));
@@ -1034,7 +1046,9 @@ void config_print_run_usage(void *stream)
 		"  --memory SIZE        guest RAM, e.g. 512M, 4G, 512MiB (default 256M;\n"
 		"                       2 MiB to 4 TiB, a multiple of 4 KiB)\n"
 		"  --cpus N             number of vCPUs, 1 to %d (default 1)\n"
-		"  --kernel ELF         guest kernel: an ELF with a PVH entry note\n"
+		"  --kernel FILE        guest kernel: an ELF with a PVH entry note or a\n"
+		"                       Linux bzImage\n"
+		"  --initrd FILE        initial ramdisk for a Linux kernel\n"
 		"  --cmdline STR        guest kernel command line (under 4096 bytes)\n"
 		"  --control PATH       QMP control socket to create at PATH\n"
 		"  --console KIND       stdio (default), file:PATH or none\n"
@@ -1046,7 +1060,7 @@ void config_print_run_usage(void *stream)
 }
 
 enum {
-	OPT_CONFIG = 256, OPT_MEMORY, OPT_CPUS, OPT_KERNEL, OPT_CMDLINE, OPT_CONTROL,
+	OPT_CONFIG = 256, OPT_MEMORY, OPT_CPUS, OPT_KERNEL, OPT_INITRD, OPT_CMDLINE, OPT_CONTROL,
 	OPT_CONSOLE, OPT_BACKING, OPT_RESERVE, OPT_CHECK,
 };
 
@@ -1055,6 +1069,7 @@ static const struct option run_options[] = {
 	{ "memory",            required_argument, NULL, OPT_MEMORY },
 	{ "cpus",              required_argument, NULL, OPT_CPUS },
 	{ "kernel",            required_argument, NULL, OPT_KERNEL },
+	{ "initrd",            required_argument, NULL, OPT_INITRD },
 	{ "cmdline",           required_argument, NULL, OPT_CMDLINE },
 	{ "control",           required_argument, NULL, OPT_CONTROL },
 	{ "console",           required_argument, NULL, OPT_CONSOLE },
@@ -1135,23 +1150,23 @@ static int console_parse(const char *s, struct vm_config *cfg, char *err, size_t
 	return 0;
 }
 
-static int check_kernel(const char *path, char *err, size_t errlen)
+static int check_kernel(const char *what, const char *path, char *err, size_t errlen)
 {
 	struct stat st;
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 
 	if (fd < 0) {
-		seterr(err, errlen, "kernel '%s': %s", path, strerror(errno));
+		seterr(err, errlen, "%s '%s': %s", what, path, strerror(errno));
 		return -1;
 	}
 	if (fstat(fd, &st) < 0) {
-		seterr(err, errlen, "kernel '%s': %s", path, strerror(errno));
+		seterr(err, errlen, "%s '%s': %s", what, path, strerror(errno));
 		close(fd);
 		return -1;
 	}
 	close(fd);
 	if (!S_ISREG(st.st_mode)) {
-		seterr(err, errlen, "kernel '%s': %s", path,
+		seterr(err, errlen, "%s '%s': %s", what, path,
 		       S_ISDIR(st.st_mode) ? strerror(EISDIR) : "not a regular file");
 		return -1;
 	}
@@ -1205,6 +1220,7 @@ static void print_config(FILE *f, const struct vm_config *cfg)
 	fprintf(f, "memory: %s (%" PRIu64 " bytes)\n", size, cfg->mem_size);
 	fprintf(f, "cpus: %u\n", cfg->ncpus);
 	fprintf(f, "kernel: %s\n", cfg->kernel ? cfg->kernel : "");
+	fprintf(f, "initrd: %s\n", cfg->initrd ? cfg->initrd : "");
 	fprintf(f, "cmdline: %s\n", cfg->cmdline ? cfg->cmdline : "");
 	if (cfg->console == CONSOLE_FILE)
 		fprintf(f, "console: file:%s\n", cfg->console_path);
@@ -1300,6 +1316,13 @@ int config_parse_run_args(int argc, char **argv, struct vm_config *cfg, char *er
 			}
 			set_str(&cfg->kernel, optarg);
 			break;
+		case OPT_INITRD:
+			if (!*optarg) {
+				seterr(err, errlen, "--initrd: empty path");
+				return -1;
+			}
+			set_str(&cfg->initrd, optarg);
+			break;
 		case OPT_CMDLINE:
 			if (check_cmdline(optarg, msg, sizeof(msg)) < 0) {
 				seterr(err, errlen, "--cmdline: %s", msg);
@@ -1340,7 +1363,9 @@ int config_parse_run_args(int argc, char **argv, struct vm_config *cfg, char *er
 		       config_path ? config_path : "the config");
 		return -1;
 	}
-	if (check_kernel(cfg->kernel, err, errlen) < 0)
+	if (check_kernel("kernel", cfg->kernel, err, errlen) < 0)
+		return -1;
+	if (cfg->initrd && check_kernel("initrd", cfg->initrd, err, errlen) < 0)
 		return -1;
 	if (cfg->console == CONSOLE_FILE && check_console_file(cfg->console_path, err, errlen) < 0)
 		return -1;

@@ -11,7 +11,8 @@ struct vm_config {
 	char *name;              /* domain name */
 	uint64_t mem_size;       /* bytes */
 	unsigned ncpus;
-	char *kernel;            /* ELF path (PVH entry) */
+	char *kernel;            /* ELF (PVH entry) or bzImage path */
+	char *initrd;            /* may be NULL */
 	char *cmdline;           /* may be NULL */
 	char *control_path;      /* QMP socket, may be NULL */
 	enum console_kind console;

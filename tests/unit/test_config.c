@@ -176,6 +176,7 @@ START_TEST(xml_full)
 		"  <os>\n"
 		"    <type arch='x86_64'>hvm</type>\n"
 		"    <kernel>k.elf</kernel>\n"
+		"    <initrd>/boot/initrd.img</initrd>\n"
 		"    <cmdline>console=ttyS0  walk </cmdline>\n"
 		"  </os>\n"
 		"  <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>\n"
@@ -192,6 +193,7 @@ START_TEST(xml_full)
 	ck_assert_uint_eq(cfg.mem_size, 1ULL << 30);
 	ck_assert_uint_eq(cfg.ncpus, 3);
 	ck_assert_str_eq(cfg.kernel, tpath("k.elf"));   /* relative to the file */
+	ck_assert_str_eq(cfg.initrd, "/boot/initrd.img");
 	ck_assert_str_eq(cfg.cmdline, "console=ttyS0  walk ");  /* verbatim */
 	ck_assert_int_eq(cfg.console, CONSOLE_FILE);
 	ck_assert_str_eq(cfg.console_path, "/tmp/console.log");
@@ -218,6 +220,7 @@ START_TEST(xml_minimal_and_mdvm_kernel)
 	ck_assert_str_eq(cfg.kernel, tpath("sub/../k.elf"));
 	ck_assert_str_eq(cfg.control_path, tpath("c.sock"));
 	ck_assert_ptr_null(cfg.cmdline);
+	ck_assert_ptr_null(cfg.initrd);
 	ck_assert_int_eq(cfg.console, CONSOLE_NONE);
 }
 END_TEST
@@ -392,7 +395,8 @@ static const struct {
 
 static const char *xml_bad_os[] = {
 	/* rejected <os> contents: (os body, expected message at line 3) */
-	"<type arch='x86_64'>hvm</type><initrd>/boot/initrd</initrd>", "3: initrd is not supported yet",
+	"<type arch='x86_64'>hvm</type><initrd> </initrd>", "3: <initrd> is empty",
+	"<type>hvm</type><initrd>/a</initrd><initrd>/b</initrd>", "3: <initrd> given more than once",
 	"<type>hvm</type><loader>/usr/share/OVMF.fd</loader>", "3: <loader> is not supported by mdvm",
 	"<type>hvm</type><boot dev='hd'/>", "3: <boot> is not supported by mdvm",
 	"<type arch='aarch64'>hvm</type>", "3: <type arch='aarch64'>: only x86_64 guests are supported",
@@ -567,6 +571,10 @@ START_TEST(cli_all_options)
 	ck_assert_int_eq(cfg.console, CONSOLE_NONE);
 	ck_assert_ptr_null(cfg.console_path);
 	ck_assert_uint_eq(cfg.mem_size, 64ULL << 20);
+
+	/* --initrd: any readable regular file (its format is the kernel's business). */
+	ck_assert_msg(RUN("--kernel", kernel, "--initrd", kernel) == 0, "%s", err);
+	ck_assert_str_eq(cfg.initrd, kernel);
 }
 END_TEST
 
@@ -667,6 +675,10 @@ START_TEST(cli_errors)
 		{ { "--kernel", "K", "--control", "" }, "--control: empty path" },
 		{ { "--kernel", "/nonexistent/vmlinux" }, "kernel '/nonexistent/vmlinux': No such file or directory" },
 		{ { "--kernel", "/" }, "kernel '/': Is a directory" },
+		{ { "--kernel", "K", "--initrd", "" }, "--initrd: empty path" },
+		{ { "--kernel", "K", "--initrd", "/nonexistent/initrd" },
+		  "initrd '/nonexistent/initrd': No such file or directory" },
+		{ { "--kernel", "K", "--initrd", "/" }, "initrd '/': Is a directory" },
 		{ { "--kernel", "K", "--console", "file:/nonexistent/c.log" },
 		  "console file '/nonexistent/c.log': No such file or directory" },
 		{ { "--kernel", "K", "--console", "file:/tmp" }, "console file '/tmp': Is a directory" },
