@@ -1,0 +1,483 @@
+/* The host pool: 2 MiB host hugepages (a hugetlbfs or shmem memfd, or the
+ * anonymous guest window itself) carved into 4 KiB pieces for folios, and the
+ * mappings of folio backing into the guest window. */
+#include "mm_internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#ifndef MFD_HUGETLB
+#define MFD_HUGETLB 0x0004U
+#endif
+#ifndef MFD_HUGE_2MB
+#define MFD_HUGE_2MB (21U << 26)
+#endif
+
+static bool pool_is_fd(const struct mm_pool *p) { return p->fd >= 0; }
+
+uint64_t pool_offset(uint32_t hpage, unsigned piece)
+{
+	return ((uint64_t)hpage << HPAGE_SHIFT) + ((uint64_t)piece << MM_PAGE_SHIFT);
+}
+
+int pool_init(struct guest_mem *gm, char *err, size_t errlen)
+{
+	struct mm_pool *p = &gm->pool;
+	memset(p, 0, sizeof(*p));
+	p->kind = gm->backing;
+	p->fd = -1;
+	p->free_head = NO_HPAGE;
+	if (p->kind == MM_BACKING_HUGETLB || p->kind == MM_BACKING_MEMFD) {
+		uint64_t ram_regions = 0;
+		for (size_t i = 0; i < gm->nranges; i++)
+			ram_regions += (gm->ranges[i].size + HPAGE_SIZE - 1) >> HPAGE_SHIFT;
+		p->capacity = ram_regions + 64 + ram_regions / 64;   /* headroom for moves */
+		unsigned fl = MFD_CLOEXEC;
+		if (p->kind == MM_BACKING_HUGETLB)
+			fl |= MFD_HUGETLB | MFD_HUGE_2MB;
+		p->fd = memfd_create(p->kind == MM_BACKING_HUGETLB ? "mdvm-ram-hugetlb" : "mdvm-ram", fl);
+		if (p->fd < 0) {
+			snprintf(err, errlen, "memfd_create: %s", strerror(errno));
+			return -1;
+		}
+		if (ftruncate(p->fd, (off_t)(p->capacity << HPAGE_SHIFT)) < 0) {
+			snprintf(err, errlen, "sizing the guest RAM file: %s", strerror(errno));
+			return -1;
+		}
+		if (lazy_array_init(&p->home, gm->md.nregions * sizeof(uint32_t)) < 0) {
+			snprintf(err, errlen, "out of address space");
+			return -1;
+		}
+	} else {
+		p->capacity = gm->md.nregions;   /* identity: hugepage i = guest region i */
+	}
+	p->nchunks = (p->capacity + HPAGE_CHUNK - 1) / HPAGE_CHUNK;
+	p->chunks = calloc(p->nchunks, sizeof(*p->chunks));
+	if (!p->chunks) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	return 0;
+}
+
+void pool_destroy(struct guest_mem *gm)
+{
+	struct mm_pool *p = &gm->pool;
+	if (p->chunks) {
+		for (uint64_t c = 0; c < p->nchunks; c++) {
+			if (!p->chunks[c])
+				continue;
+			for (unsigned i = 0; i < HPAGE_CHUNK; i++)
+				free(p->chunks[c][i].owners);
+			free(p->chunks[c]);
+		}
+		free(p->chunks);
+	}
+	lazy_array_free(&p->home);
+	if (p->fd >= 0)
+		close(p->fd);
+	memset(p, 0, sizeof(*p));
+	p->fd = -1;
+}
+
+struct hpage *pool_hpage(struct mm_pool *p, uint32_t idx)
+{
+	if (idx >= p->capacity || !p->chunks[idx / HPAGE_CHUNK])
+		return NULL;
+	return &p->chunks[idx / HPAGE_CHUNK][idx % HPAGE_CHUNK];
+}
+
+static struct hpage *hpage_get(struct mm_pool *p, uint32_t idx)
+{
+	if (idx >= p->capacity)
+		return NULL;
+	struct hpage **c = &p->chunks[idx / HPAGE_CHUNK];
+	if (!*c) {
+		*c = calloc(HPAGE_CHUNK, sizeof(struct hpage));
+		if (!*c)
+			return NULL;
+		for (unsigned i = 0; i < HPAGE_CHUNK; i++) {
+			(*c)[i].region = NO_REGION;
+			(*c)[i].next = NO_HPAGE;
+		}
+		p->chunks_alloced++;
+	}
+	return &(*c)[idx % HPAGE_CHUNK];
+}
+
+static uint32_t *home_slot(struct mm_pool *p, uint64_t region)
+{
+	return (uint32_t *)p->home.p + region;
+}
+
+static uint32_t home_get(struct mm_pool *p, uint64_t region)
+{
+	return p->home.p ? *home_slot(p, region) : 0;   /* hpage + 1, 0 = none */
+}
+
+static void home_set(struct mm_pool *p, uint64_t region, uint32_t v)
+{
+	if (!p->home.p)
+		return;
+	lazy_array_touch(&p->home, region * sizeof(uint32_t));
+	*home_slot(p, region) = v;
+}
+
+static bool block_free(const struct hpage *h, unsigned p, unsigned n)
+{
+	if (n >= 64) {
+		for (unsigned w = p / 64; w < (p + n) / 64; w++)
+			if (h->used[w])
+				return false;
+		return true;
+	}
+	uint64_t mask = ((1ULL << n) - 1) << (p % 64);
+	return !(h->used[p / 64] & mask);
+}
+
+static void block_set(struct hpage *h, unsigned p, unsigned n, bool on)
+{
+	for (unsigned i = p; i < p + n;) {
+		unsigned k = n - (i - p) < 64 - i % 64 ? n - (i - p) : 64 - i % 64;
+		uint64_t mask = (k == 64 ? ~0ULL : ((1ULL << k) - 1)) << (i % 64);
+		if (on)
+			h->used[i / 64] |= mask;
+		else
+			h->used[i / 64] &= ~mask;
+		i += k;
+	}
+}
+
+static int hpage_find_block(const struct hpage *h, unsigned order)
+{
+	unsigned n = 1u << order;
+	if (h->nr_used + h->nr_bad + n > MM_REGION_PAGES)
+		return -1;
+	for (unsigned p = 0; p < MM_REGION_PAGES; p += n)
+		if (block_free(h, p, n))
+			return (int)p;
+	return -1;
+}
+
+/* Set up a fresh hugepage (reused or never used). */
+static int hpage_new(struct guest_mem *gm, uint32_t *out)
+{
+	struct mm_pool *p = &gm->pool;
+	uint32_t idx;
+	struct hpage *h;
+	if (p->free_head != NO_HPAGE) {
+		idx = p->free_head;
+		h = pool_hpage(p, idx);
+		p->free_head = h->next;
+	} else if (p->next_new < p->capacity) {
+		idx = p->next_new;
+		h = hpage_get(p, idx);
+		if (!h)
+			return -ENOMEM;
+		p->next_new++;
+	} else {
+		return -ENOSPC;
+	}
+	if (p->kind == MM_BACKING_HUGETLB &&
+	    fallocate(p->fd, 0, (off_t)pool_offset(idx, 0), (off_t)HPAGE_SIZE) < 0) {
+		int e = errno;
+		h->next = p->free_head;
+		p->free_head = idx;
+		return e == ENOSPC ? -ENOMEM : -e;
+	}
+	h->live = 1;
+	h->region = NO_REGION;
+	h->next = NO_HPAGE;
+	p->live++;
+	*out = idx;
+	return 0;
+}
+
+static void hpage_release(struct guest_mem *gm, uint32_t idx, struct hpage *h)
+{
+	struct mm_pool *p = &gm->pool;
+	if (p->kind == MM_BACKING_HUGETLB)
+		fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			  (off_t)pool_offset(idx, 0), (off_t)HPAGE_SIZE);
+	if (h->region != NO_REGION && home_get(p, h->region) == idx + 1)
+		home_set(p, h->region, 0);
+	if (h->owners) {
+		free(h->owners);
+		h->owners = NULL;
+		p->owners_arrays--;
+	}
+	h->live = 0;
+	h->region = NO_REGION;
+	p->live--;
+	if (pool_is_fd(p)) {
+		h->next = p->free_head;
+		p->free_head = idx;
+	}
+}
+
+bool pool_home_coloured(struct guest_mem *gm, const struct folio *f)
+{
+	struct hpage *h = pool_hpage(&gm->pool, f->hpage);
+	return h && h->region == (f->gfn >> REGION_SHIFT) &&
+	       f->piece == (f->gfn & (MM_REGION_PAGES - 1));
+}
+
+/* Keep the reverse map (piece -> folio) right for f's pieces. Home-coloured
+ * folios need no entry: the owner of piece i is memdesc(region * 512 + i). */
+void pool_update_owner(struct guest_mem *gm, struct folio *f)
+{
+	struct mm_pool *p = &gm->pool;
+	struct hpage *h = pool_hpage(p, f->hpage);
+	if (!h)
+		return;
+	uint64_t region = f->gfn >> REGION_SHIFT;
+	bool colour = f->piece == (f->gfn & (MM_REGION_PAGES - 1));
+	if (colour && h->region == NO_REGION && pool_is_fd(p) && home_get(p, region) == 0) {
+		h->region = (uint32_t)region;     /* adopt: the region's home now */
+		home_set(p, region, f->hpage + 1);
+	}
+	unsigned n = 1u << f->order;
+	if (colour && h->region == region) {
+		if (h->owners)
+			memset(h->owners + f->piece, 0, n * sizeof(uint32_t));
+		return;
+	}
+	if (!h->owners) {
+		h->owners = calloc(MM_REGION_PAGES, sizeof(uint32_t));
+		if (!h->owners)
+			abort();
+		p->owners_arrays++;
+	}
+	for (unsigned i = 0; i < n; i++)
+		h->owners[f->piece + i] = f->id + 1;
+}
+
+int pool_place(struct guest_mem *gm, struct folio *f, uint32_t want, uint32_t avoid,
+	       bool *new_region_map)
+{
+	struct mm_pool *p = &gm->pool;
+	uint64_t region = f->gfn >> REGION_SHIFT;
+	unsigned colour = f->gfn & (MM_REGION_PAGES - 1), n = 1u << f->order;
+	uint32_t idx = NO_HPAGE;
+	int piece = -1, rc;
+	struct hpage *h = NULL;
+
+	*new_region_map = false;
+	if (!pool_is_fd(p)) {
+		/* Anonymous memory: the hugepage is the guest region itself. */
+		idx = (uint32_t)region;
+		h = hpage_get(p, idx);
+		if (!h)
+			return -ENOMEM;
+		if (!h->live) {
+			h->live = 1;
+			h->region = (uint32_t)region;
+			p->live++;
+		}
+		if (!block_free(h, colour, n))
+			return -EEXIST;
+		piece = (int)colour;
+		goto found;
+	}
+	if (want != MM_HPAGE_ANY) {
+		h = pool_hpage(p, want);
+		if (!h || !h->live) {
+			if (want >= p->capacity)
+				return -EINVAL;
+			/* Take it off the free list or the never-used end. */
+			if (want >= p->next_new) {
+				while (p->next_new <= want) {
+					struct hpage *x = hpage_get(p, p->next_new);
+					if (!x)
+						return -ENOMEM;
+					if (p->next_new != want) {
+						x->next = p->free_head;
+						p->free_head = p->next_new;
+					}
+					p->next_new++;
+				}
+			} else {
+				uint32_t *pp = &p->free_head;
+				while (*pp != NO_HPAGE && *pp != want)
+					pp = &pool_hpage(p, *pp)->next;
+				if (*pp != want)
+					return -EINVAL;
+				*pp = pool_hpage(p, want)->next;
+			}
+			h = pool_hpage(p, want);
+			if (p->kind == MM_BACKING_HUGETLB &&
+			    fallocate(p->fd, 0, (off_t)pool_offset(want, 0), (off_t)HPAGE_SIZE) < 0) {
+				h->next = p->free_head;
+				p->free_head = want;
+				return -ENOMEM;
+			}
+			h->live = 1;
+			h->region = NO_REGION;
+			h->next = NO_HPAGE;
+			p->live++;
+		}
+		idx = want;
+		if (block_free(h, colour, n))
+			piece = (int)colour;
+		else
+			piece = hpage_find_block(h, f->order);
+		if (piece < 0)
+			return -ENOSPC;
+		goto found;
+	}
+	uint32_t home = home_get(p, region);
+	if (avoid == NO_HPAGE && home) {
+		idx = home - 1;
+		h = pool_hpage(p, idx);
+		if (block_free(h, colour, n)) {
+			piece = (int)colour;
+			goto found;
+		}
+		if (p->kind == MM_BACKING_HUGETLB)
+			return -EEXIST;   /* cannot happen: the region maps its home */
+	}
+	if (avoid == NO_HPAGE && !home) {
+		if ((rc = hpage_new(gm, &idx)))
+			return rc;
+		h = pool_hpage(p, idx);
+		h->region = (uint32_t)region;
+		home_set(p, region, idx + 1);
+		piece = (int)colour;
+		*new_region_map = p->kind == MM_BACKING_HUGETLB;
+		goto found;
+	}
+	if (p->kind == MM_BACKING_HUGETLB) {
+		/* A move of a whole region: a fresh hugepage. */
+		if ((rc = hpage_new(gm, &idx)))
+			return rc;
+		h = pool_hpage(p, idx);
+		piece = 0;
+		goto found;
+	}
+	/* memfd: any hugepage with room, else a fresh one. */
+	for (uint32_t i = 0; i < p->next_new; i++) {
+		struct hpage *x = pool_hpage(p, i);
+		if (i == avoid || !x || !x->live)
+			continue;
+		int pc = hpage_find_block(x, f->order);
+		if (pc >= 0) {
+			idx = i;
+			h = x;
+			piece = pc;
+			goto found;
+		}
+	}
+	if ((rc = hpage_new(gm, &idx)))
+		return rc;
+	h = pool_hpage(p, idx);
+	piece = 0;
+found:
+	block_set(h, (unsigned)piece, n, true);
+	if (h->nr_used == 0)
+		p->in_use++;
+	h->nr_used = (uint16_t)(h->nr_used + n);
+	f->hpage = idx;
+	f->piece = (uint16_t)piece;
+	pool_update_owner(gm, f);
+	return 0;
+}
+
+void pool_unplace(struct guest_mem *gm, struct folio *f, bool punch)
+{
+	struct mm_pool *p = &gm->pool;
+	struct hpage *h = pool_hpage(p, f->hpage);
+	if (!h)
+		return;
+	unsigned n = 1u << f->order;
+	block_set(h, f->piece, n, false);
+	if (h->owners)
+		memset(h->owners + f->piece, 0, n * sizeof(uint32_t));
+	h->nr_used = (uint16_t)(h->nr_used - n);
+	if (punch && p->kind == MM_BACKING_MEMFD)
+		fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			  (off_t)pool_offset(f->hpage, f->piece), (off_t)n << MM_PAGE_SHIFT);
+	if (h->nr_used == 0) {
+		p->in_use--;
+		if (h->nr_bad == 0)
+			hpage_release(gm, f->hpage, h);
+	}
+}
+
+void pool_quarantine(struct guest_mem *gm, uint32_t hpage, unsigned piece)
+{
+	struct hpage *h = pool_hpage(&gm->pool, hpage);
+	if (!h)
+		return;
+	block_set(h, piece, 1, true);
+	h->nr_bad++;
+	if (h->nr_used == 0 && !h->live) {
+		h->live = 1;   /* keep it out of reuse */
+		gm->pool.live++;
+	}
+}
+
+uint64_t pool_bytes(const struct mm_pool *p)
+{
+	return p->nchunks * sizeof(void *) + p->chunks_alloced * HPAGE_CHUNK * sizeof(struct hpage) +
+	       p->owners_arrays * MM_REGION_PAGES * sizeof(uint32_t) + p->home.ntouched * 4096ULL;
+}
+
+/* ---- mappings in the guest window */
+int placeholder_init(struct guest_mem *gm, uint64_t gpa, uint64_t size)
+{
+	void *at = gm->base + gpa;
+	if (mmap(at, size, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED)
+		return -errno;
+	if (gm->backing == MM_BACKING_THP)
+		madvise(at, size, MADV_HUGEPAGE);
+	if (gm->uffd >= 0)
+		return uffd_register_range(gm, gpa, size);
+	return 0;
+}
+
+int map_folio(struct guest_mem *gm, struct folio *f, bool new_region_map)
+{
+	struct mm_pool *p = &gm->pool;
+	uint64_t gpa = f->gfn << MM_PAGE_SHIFT, len = folio_nr_pages(f) << MM_PAGE_SHIFT;
+	int rc = 0;
+	switch (p->kind) {
+	case MM_BACKING_HUGETLB:
+		if (new_region_map) {
+			uint64_t rgpa = gpa & ~(HPAGE_SIZE - 1);
+			if (mmap(gm->base + rgpa, HPAGE_SIZE, PROT_READ | PROT_WRITE,
+				 MAP_SHARED | MAP_FIXED, p->fd, (off_t)pool_offset(f->hpage, 0)) == MAP_FAILED)
+				rc = -errno;
+		}
+		break;
+	case MM_BACKING_MEMFD:
+		if (mmap(gm->base + gpa, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, p->fd,
+			 (off_t)pool_offset(f->hpage, f->piece)) == MAP_FAILED)
+			rc = -errno;
+		break;
+	default:
+		/* Anonymous: stop intercepting; the kernel allocates on touch
+		 * (a THP when the whole 2 MiB VMA range is ours). */
+		if (gm->uffd >= 0)
+			rc = uffd_unregister_range(gm, gpa, len);
+		break;
+	}
+	if (!rc)
+		atomic_fetch_or(&f->flags, FOLIO_MAPPED | FOLIO_UPTODATE);
+	return rc;
+}
+
+int unmap_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
+{
+	uint64_t gpa = gfn << MM_PAGE_SHIFT, len = nr << MM_PAGE_SHIFT;
+	if (gm->pool.fd < 0) {
+		madvise(gm->base + gpa, len, MADV_DONTNEED);
+		return gm->uffd >= 0 ? uffd_register_range(gm, gpa, len) : 0;
+	}
+	return placeholder_init(gm, gpa, len);
+}

@@ -1,0 +1,202 @@
+/* First touch: a userfaultfd (MISSING mode) on the never-touched placeholder
+ * mappings of guest RAM, served by a thread owned by mm/. vCPU accesses reach
+ * it through KVM's get_user_pages (the guest blocks until the folio is
+ * mapped), other threads through their own page faults. */
+#include "mm_internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef _UFFDIO_POISON
+#define _UFFDIO_POISON (0x08)
+struct uffdio_poison {
+	struct uffdio_range range;
+#define UFFDIO_POISON_MODE_DONTWAKE ((__u64)1 << 0)
+	__u64 mode;
+	__s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+static int uffd_open(void)
+{
+	int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (fd >= 0)
+		return fd;
+	int e = errno;
+	int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+	if (dev >= 0) {
+		fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+		e = errno;
+		close(dev);
+		if (fd >= 0)
+			return fd;
+	}
+	errno = e;
+	return -1;
+}
+
+int uffd_register_range(struct guest_mem *gm, uint64_t gpa, uint64_t size)
+{
+	struct uffdio_register reg = {
+		.range = { (uint64_t)(uintptr_t)(gm->base + gpa), size },
+		.mode = UFFDIO_REGISTER_MODE_MISSING,
+	};
+	if (ioctl(gm->uffd, UFFDIO_REGISTER, &reg) < 0)
+		return -errno;
+	if (reg.ioctls & (1ULL << _UFFDIO_POISON))
+		gm->have_poison = true;
+	return 0;
+}
+
+int uffd_unregister_range(struct guest_mem *gm, uint64_t gpa, uint64_t size)
+{
+	struct uffdio_range r = { (uint64_t)(uintptr_t)(gm->base + gpa), size };
+	return ioctl(gm->uffd, UFFDIO_UNREGISTER, &r) < 0 ? -errno : 0;
+}
+
+int uffd_poison(struct guest_mem *gm, uint64_t gpa, uint64_t size)
+{
+	if (!gm->have_poison)
+		return -EOPNOTSUPP;
+	struct uffdio_poison p = { .range = { (uint64_t)(uintptr_t)(gm->base + gpa), size } };
+	if (ioctl(gm->uffd, UFFDIO_POISON, &p) < 0 && errno != EEXIST)
+		return -errno;
+	return 0;
+}
+
+static void uffd_wake(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
+{
+	struct uffdio_range r = { (uint64_t)(uintptr_t)(gm->base + (gfn << MM_PAGE_SHIFT)),
+				  nr << MM_PAGE_SHIFT };
+	ioctl(gm->uffd, UFFDIO_WAKE, &r);
+}
+
+static void handle_fault(struct guest_mem *gm, uint64_t addr)
+{
+	uint64_t gfn = (addr - (uint64_t)(uintptr_t)gm->base) >> MM_PAGE_SHIFT;
+	uint64_t wake_gfn = gfn, wake_nr = 1;
+
+	pthread_mutex_lock(&gm->lock);
+	memdesc_t md = mdt_get(&gm->md, gfn);
+	switch (memdesc_type(md)) {
+	case MEMDESC_UNBACKED:
+	case MEMDESC_BALLOONED: {   /* touching a ballooned page deflates it */
+		int rc = populate_locked(gm, gfn, 1, gm->fault_order, MEMDESC_FOLIO);
+		if (rc) {
+			mm_log(gm, "guest RAM: cannot back GPA 0x%llx: %s",
+			       (unsigned long long)(gfn << MM_PAGE_SHIFT), strerror(-rc));
+			/* A SIGBUS (memory failure) in the faulting thread beats a hang. */
+			if (uffd_poison(gm, gfn << MM_PAGE_SHIFT, MM_PAGE_SIZE) < 0)
+				abort();
+			break;
+		}
+		atomic_fetch_add(&gm->faults, 1);
+		break;
+	}
+	case MEMDESC_POISONED:
+		if (uffd_poison(gm, gfn << MM_PAGE_SHIFT, MM_PAGE_SIZE) < 0)
+			mm_log(gm, "guest touched poisoned GPA 0x%llx and UFFDIO_POISON is unavailable",
+			       (unsigned long long)(gfn << MM_PAGE_SHIFT));
+		break;
+	default:
+		break;   /* populated meanwhile (another vCPU, mm_write) */
+	}
+	struct folio *f = memdesc_folio(mdt_get(&gm->md, gfn));
+	if (f) {
+		wake_gfn = f->gfn;
+		wake_nr = folio_nr_pages(f);
+	}
+	if (gm->backing == MM_BACKING_HUGETLB) {
+		wake_gfn = gfn & ~(uint64_t)(MM_REGION_PAGES - 1);
+		wake_nr = MM_REGION_PAGES;
+	}
+	pthread_mutex_unlock(&gm->lock);
+	uffd_wake(gm, wake_gfn, wake_nr);
+}
+
+static void *uffd_main(void *arg)
+{
+	struct guest_mem *gm = arg;
+	struct uffd_msg msgs[16];
+	for (;;) {
+		struct pollfd pf[2] = { { gm->uffd, POLLIN, 0 }, { gm->stop_fd, POLLIN, 0 } };
+		if (poll(pf, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		if (pf[1].revents)
+			break;
+		ssize_t n = read(gm->uffd, msgs, sizeof(msgs));
+		if (n < 0)
+			continue;
+		for (size_t i = 0; i < (size_t)n / sizeof(msgs[0]); i++)
+			if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+				handle_fault(gm, msgs[i].arg.pagefault.address);
+	}
+	return NULL;
+}
+
+/* Opens the userfaultfd; the caller then registers the placeholders and
+ * starts the thread with uffd_run(). */
+int uffd_start(struct guest_mem *gm, char *why, size_t whylen)
+{
+	gm->uffd = uffd_open();
+	if (gm->uffd < 0) {
+		snprintf(why, whylen, "userfaultfd: %s", strerror(errno));
+		return -1;
+	}
+	struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+	if (ioctl(gm->uffd, UFFDIO_API, &api) < 0) {
+		snprintf(why, whylen, "UFFDIO_API: %s", strerror(errno));
+		goto fail;
+	}
+	gm->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (gm->stop_fd < 0) {
+		snprintf(why, whylen, "eventfd: %s", strerror(errno));
+		goto fail;
+	}
+	int rc = pthread_create(&gm->uffd_thread, NULL, uffd_main, gm);
+	if (rc) {
+		snprintf(why, whylen, "pthread_create: %s", strerror(rc));
+		goto fail;
+	}
+	gm->uffd_running = true;
+	return 0;
+fail:
+	close(gm->uffd);
+	gm->uffd = -1;
+	if (gm->stop_fd >= 0)
+		close(gm->stop_fd);
+	gm->stop_fd = -1;
+	return -1;
+}
+
+void uffd_stop(struct guest_mem *gm)
+{
+	if (gm->uffd_running) {
+		uint64_t one = 1;
+		if (write(gm->stop_fd, &one, sizeof(one)) < 0)
+			abort();
+		pthread_join(gm->uffd_thread, NULL);
+		gm->uffd_running = false;
+	}
+	if (gm->uffd >= 0)
+		close(gm->uffd);
+	if (gm->stop_fd >= 0)
+		close(gm->stop_fd);
+	gm->uffd = gm->stop_fd = -1;
+}
