@@ -115,6 +115,7 @@ void config_init(struct vm_config *cfg)
 	cfg->ncpus = 1;
 	cfg->console = CONSOLE_STDIO;
 	cfg->backing = MM_BACKING_AUTO;
+	cfg->balloon = 1;
 }
 
 void config_free(struct vm_config *cfg)
@@ -688,19 +689,19 @@ static int xml_devices(struct xml_ctx *x, xmlNodePtr n)
 			if (xml_chardev(x, c, &x->console_kind, &x->console_path) < 0)
 				return -1;
 		} else if (is(c, "memballoon")) {
-			/* libvirt adds <memballoon model='none'/> to say "no balloon",
-			 * which is what mdvm has; any real model is a device we lack. */
+			/* As libvirt: a virtio balloon unless <memballoon model='none'/>. */
 			static const char *const attrs[] = { "model", NULL };
 			char *model;
-			int bad;
+			int on;
 
 			if (check_attrs(x, c, attrs) < 0 || no_children(x, c) < 0)
 				return -1;
 			model = attr(c, "model");
-			bad = !model || strcmp(model, "none");
+			on = !model ? -1 : !strcmp(model, "virtio") ? 1 : !strcmp(model, "none") ? 0 : -1;
 			free(model);
-			if (bad)
+			if (on < 0)
 				return unsupported(x, c);
+			x->cfg->balloon = on;
 		} else {
 			return unsupported(x, c);
 		}
@@ -1055,13 +1056,14 @@ void config_print_run_usage(void *stream)
 		"  --backing KIND       guest RAM backing: auto (default), hugetlb, thp,\n"
 		"                       memfd or anon\n"
 		"  --reserve-hugepages  raise vm.nr_hugepages if too few are free (root)\n"
+		"  --balloon on|off     virtio-balloon device (default on)\n"
 		"  -h, --help           show this help and exit\n",
 		CONFIG_MAX_CPUS);
 }
 
 enum {
 	OPT_CONFIG = 256, OPT_MEMORY, OPT_CPUS, OPT_KERNEL, OPT_INITRD, OPT_CMDLINE, OPT_CONTROL,
-	OPT_CONSOLE, OPT_BACKING, OPT_RESERVE, OPT_CHECK,
+	OPT_CONSOLE, OPT_BACKING, OPT_RESERVE, OPT_CHECK, OPT_BALLOON,
 };
 
 static const struct option run_options[] = {
@@ -1075,6 +1077,7 @@ static const struct option run_options[] = {
 	{ "console",           required_argument, NULL, OPT_CONSOLE },
 	{ "backing",           required_argument, NULL, OPT_BACKING },
 	{ "reserve-hugepages", no_argument,       NULL, OPT_RESERVE },
+	{ "balloon",           required_argument, NULL, OPT_BALLOON },
 	{ "check-config",      no_argument,       NULL, OPT_CHECK },  /* hidden */
 	{ "help",              no_argument,       NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
@@ -1228,6 +1231,7 @@ static void print_config(FILE *f, const struct vm_config *cfg)
 		fprintf(f, "console: %s\n", cfg->console == CONSOLE_STDIO ? "stdio" : "none");
 	fprintf(f, "backing: %s\n", mm_backing_name(cfg->backing));
 	fprintf(f, "reserve-hugepages: %s\n", cfg->reserve_hugepages ? "yes" : "no");
+	fprintf(f, "balloon: %s\n", cfg->balloon ? "on" : "off");
 	fprintf(f, "control: %s\n", cfg->control_path ? cfg->control_path : "none");
 }
 
@@ -1350,6 +1354,13 @@ int config_parse_run_args(int argc, char **argv, struct vm_config *cfg, char *er
 			break;
 		case OPT_RESERVE:
 			cfg->reserve_hugepages = 1;
+			break;
+		case OPT_BALLOON:
+			if (strcmp(optarg, "on") && strcmp(optarg, "off")) {
+				seterr(err, errlen, "invalid --balloon '%s': expected on or off", optarg);
+				return -1;
+			}
+			cfg->balloon = !strcmp(optarg, "on");
 			break;
 		default:
 			break;

@@ -19,6 +19,7 @@ struct vm_config {
 	char *console_path;      /* for CONSOLE_FILE */
 	enum mm_backing backing;
 	int reserve_hugepages;   /* --reserve-hugepages */
+	int balloon;             /* virtio-balloon: 1 (default, libvirt's too) or 0 */
 };
 
 #define CONFIG_DEFAULT_MEM   (256ULL << 20)

@@ -151,8 +151,10 @@ START_TEST(defaults)
 	ck_assert_ptr_null(cfg.cmdline);
 	ck_assert_ptr_null(cfg.control_path);
 	ck_assert_int_eq(cfg.reserve_hugepages, 0);
+	ck_assert_int_eq(cfg.balloon, 1);
 }
 END_TEST
+
 
 /* -------------------------------------------------------------- XML: good */
 
@@ -372,7 +374,10 @@ static const struct {
 	  "3: <target type='virtio'> is not supported by mdvm" },
 	{ "<devices><serial type='pty'/>\n<console type='null'/></devices>",
 	  "4: <console> differs from <serial>; mdvm has one serial port" },
-	{ "<devices><memballoon model='virtio'/></devices>", "3: <memballoon> is not supported by mdvm" },
+	{ "<devices><memballoon model='xen'/></devices>", "3: <memballoon> is not supported by mdvm" },
+	{ "<devices><memballoon/></devices>", "3: <memballoon> is not supported by mdvm" },
+	{ "<devices><memballoon model='virtio' autodeflate='on'/></devices>",
+	  "3: attribute 'autodeflate' of <memballoon> is not supported by mdvm" },
 	{ "<name>again</name>", "3: <name> given more than once" },
 	{ "<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'/>",
 	  "3: <qemu:commandline> is not supported by mdvm" },
@@ -740,6 +745,41 @@ START_TEST(cli_help_and_check)
 }
 END_TEST
 
+/* The balloon: on unless <memballoon model='none'/> or --balloon off, as
+ * libvirt adds a virtio balloon when the domain names none. */
+START_TEST(balloon_xml_and_cli)
+{
+	static const struct { const char *devices; int want; } c[] = {
+		{ "", 1 },
+		{ "<devices><memballoon model='virtio'/></devices>", 1 },
+		{ "<devices><memballoon model='none'/></devices>", 0 },
+	};
+	char xml[512];
+	const char *p;
+
+	for (size_t i = 0; i < sizeof(c) / sizeof(c[0]); i++) {
+		snprintf(xml, sizeof(xml), "<domain type='kvm'><name>b</name><memory unit='MiB'>64</memory>"
+			 "<os><type>hvm</type><kernel>/k</kernel></os>%s</domain>\n", c[i].devices);
+		p = write_xml("balloon.xml", xml);
+		config_free(&cfg);
+		config_init(&cfg);
+		ck_assert_msg(config_load_xml(p, &cfg, err, sizeof(err)) == 0, "%s", err);
+		ck_assert_int_eq(cfg.balloon, c[i].want);
+	}
+	p = write_xml("nob.xml", "<domain type='kvm'><name>b</name><memory unit='MiB'>64</memory>"
+		      "<os><type>hvm</type><kernel>k.elf</kernel></os>"
+		      "<devices><memballoon model='none'/></devices></domain>\n");
+	ck_assert_msg(run_args((char *[]){ "run", "--config", (char *)p, "--balloon", "on", NULL }) == 0,
+		      "%s", err);
+	ck_assert_int_eq(cfg.balloon, 1);
+	ck_assert_msg(run_args((char *[]){ "run", "--config", (char *)p, "--balloon=off", NULL }) == 0,
+		      "%s", err);
+	ck_assert_int_eq(cfg.balloon, 0);
+	ck_assert_int_eq(run_args((char *[]){ "run", "--config", (char *)p, "--balloon", "yes", NULL }), -1);
+	ck_assert_str_eq(err, "invalid --balloon 'yes': expected on or off");
+}
+END_TEST
+
 Suite *config_suite(void)
 {
 	Suite *s = suite_create("config");
@@ -766,6 +806,7 @@ Suite *config_suite(void)
 	tcase_add_test(tc, cli_errors);
 	tcase_add_test(tc, cli_cmdline_limit);
 	tcase_add_test(tc, cli_help_and_check);
+	tcase_add_test(tc, balloon_xml_and_cli);
 	suite_add_tcase(s, tc);
 	return s;
 }
