@@ -1030,6 +1030,67 @@ int config_load_xml(const char *path, struct vm_config *cfg, char *err, size_t e
 	return ret;
 }
 
+/* ------------------------------------------- --inject-memory-error-at */
+
+/* GPA[:KIND][@MS]: GPA decimal or 0x-hex with an optional K/M/G suffix. */
+int config_parse_inject_at(const char *s, struct mce_inject_at *out, char *err, size_t errlen)
+{
+	char buf[128], *gpa_s, *kind_s, *ms_s, *end;
+	uint64_t gpa, ms = 0;
+	int kind = 0;
+
+	if (!s || !*s || strlen(s) >= sizeof(buf)) {
+		seterr(err, errlen, "invalid value '%s': expected GPA[:KIND][@MS]", s ? s : "");
+		return -1;
+	}
+	strcpy(buf, s);
+	gpa_s = buf;
+	ms_s = strchr(buf, '@');
+	if (ms_s)
+		*ms_s++ = '\0';
+	kind_s = strchr(buf, ':');
+	if (kind_s)
+		*kind_s++ = '\0';
+	errno = 0;
+	if (!isdigit((unsigned char)*gpa_s))
+		goto bad_gpa;
+	gpa = strtoull(gpa_s, &end, 0);
+	if (errno)
+		goto bad_gpa;
+	if (*end) {
+		unsigned shift = toupper((unsigned char)*end) == 'K' ? 10 : toupper((unsigned char)*end) == 'M' ? 20 :
+				 toupper((unsigned char)*end) == 'G' ? 30 : 0;
+		if (!shift || end[1] || gpa > (UINT64_MAX >> shift))
+			goto bad_gpa;
+		gpa <<= shift;
+	}
+	if (gpa & 0xfff) {
+		seterr(err, errlen, "GPA 0x%" PRIx64 " is not 4 KiB aligned", gpa);
+		return -1;
+	}
+	if (kind_s) {
+		if (!strcmp(kind_s, "action-optional") || !strcmp(kind_s, "ao"))
+			kind = 0;
+		else if (!strcmp(kind_s, "action-required") || !strcmp(kind_s, "ar"))
+			kind = 1;
+		else {
+			seterr(err, errlen, "invalid kind '%s': expected action-optional (ao) or "
+			       "action-required (ar)", kind_s);
+			return -1;
+		}
+	}
+	if (ms_s && (parse_u64(ms_s, &ms) < 0 || ms > 24ULL * 3600 * 1000)) {
+		seterr(err, errlen, "invalid delay '%s': expected milliseconds (at most a day)", ms_s);
+		return -1;
+	}
+	*out = (struct mce_inject_at){ .gpa = gpa, .kind = kind, .delay_ms = ms };
+	return 0;
+bad_gpa:
+	seterr(err, errlen, "invalid GPA '%s' in '%s': expected a number (0x-hex, decimal, K/M/G suffix)",
+	       gpa_s, s);
+	return -1;
+}
+
 /* ------------------------------------------------------------ `mdvm run` */
 
 void config_print_run_usage(void *stream)
@@ -1057,13 +1118,17 @@ void config_print_run_usage(void *stream)
 		"                       memfd or anon\n"
 		"  --reserve-hugepages  raise vm.nr_hugepages if too few are free (root)\n"
 		"  --balloon on|off     virtio-balloon device (default on)\n"
+		"  --inject-memory-error-at GPA[:KIND][@MS]\n"
+		"                       poison the guest page at GPA MS milliseconds after\n"
+		"                       start (default 0); KIND action-optional (default)\n"
+		"                       or action-required (ao/ar); repeatable\n"
 		"  -h, --help           show this help and exit\n",
 		CONFIG_MAX_CPUS);
 }
 
 enum {
 	OPT_CONFIG = 256, OPT_MEMORY, OPT_CPUS, OPT_KERNEL, OPT_INITRD, OPT_CMDLINE, OPT_CONTROL,
-	OPT_CONSOLE, OPT_BACKING, OPT_RESERVE, OPT_CHECK, OPT_BALLOON,
+	OPT_CONSOLE, OPT_BACKING, OPT_RESERVE, OPT_CHECK, OPT_BALLOON, OPT_INJECT_AT,
 };
 
 static const struct option run_options[] = {
@@ -1078,6 +1143,7 @@ static const struct option run_options[] = {
 	{ "backing",           required_argument, NULL, OPT_BACKING },
 	{ "reserve-hugepages", no_argument,       NULL, OPT_RESERVE },
 	{ "balloon",           required_argument, NULL, OPT_BALLOON },
+	{ "inject-memory-error-at", required_argument, NULL, OPT_INJECT_AT },
 	{ "check-config",      no_argument,       NULL, OPT_CHECK },  /* hidden */
 	{ "help",              no_argument,       NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
@@ -1361,6 +1427,19 @@ int config_parse_run_args(int argc, char **argv, struct vm_config *cfg, char *er
 				return -1;
 			}
 			cfg->balloon = !strcmp(optarg, "on");
+			break;
+		case OPT_INJECT_AT:
+			if (cfg->n_inject_at == CONFIG_MAX_INJECT_AT) {
+				seterr(err, errlen, "--inject-memory-error-at given more than %d times",
+				       CONFIG_MAX_INJECT_AT);
+				return -1;
+			}
+			if (config_parse_inject_at(optarg, &cfg->inject_at[cfg->n_inject_at], msg,
+						   sizeof(msg)) < 0) {
+				seterr(err, errlen, "--inject-memory-error-at: %s", msg);
+				return -1;
+			}
+			cfg->n_inject_at++;
 			break;
 		default:
 			break;

@@ -7,6 +7,14 @@
 
 enum console_kind { CONSOLE_STDIO = 0, CONSOLE_FILE, CONSOLE_NONE };
 
+/* --inject-memory-error-at GPA[:kind][@ms] (vmm/mce.c, docs/memory-errors.md) */
+struct mce_inject_at {
+	uint64_t gpa;            /* 4 KiB aligned */
+	int kind;                /* 0 action-optional, 1 action-required (enum mce_kind) */
+	uint64_t delay_ms;       /* after the VM is created */
+};
+#define CONFIG_MAX_INJECT_AT 16
+
 struct vm_config {
 	char *name;              /* domain name */
 	uint64_t mem_size;       /* bytes */
@@ -20,6 +28,8 @@ struct vm_config {
 	enum mm_backing backing;
 	int reserve_hugepages;   /* --reserve-hugepages */
 	int balloon;             /* virtio-balloon: 1 (default, libvirt's too) or 0 */
+	struct mce_inject_at inject_at[CONFIG_MAX_INJECT_AT];
+	unsigned n_inject_at;
 };
 
 #define CONFIG_DEFAULT_MEM   (256ULL << 20)
@@ -36,4 +46,6 @@ int  config_load_xml(const char *path, struct vm_config *cfg, char *err, size_t 
  * overrides. Returns 0, 1 when --help was printed, -1 on error (err set). */
 int  config_parse_run_args(int argc, char **argv, struct vm_config *cfg, char *err, size_t errlen);
 void config_print_run_usage(void *stream /* FILE* */);
+/* One --inject-memory-error-at value; 0 or -1 with err. */
+int  config_parse_inject_at(const char *s, struct mce_inject_at *out, char *err, size_t errlen);
 #endif
