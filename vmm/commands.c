@@ -12,6 +12,7 @@
 
 #include "../devices/testdev_regs.h"
 #include "../mm/mm.h"
+#include "commands.h"
 #include "qmp.h"
 #include "util.h"
 #include "vm.h"
@@ -21,13 +22,6 @@
 
 /* ---- argument checking, with QEMU's wording ---- */
 
-enum arg_type { ARG_INT, ARG_UINT, ARG_STR, ARG_BOOL };
-
-struct arg_spec {
-	const char *name;    /* NULL ends the list */
-	enum arg_type type;
-	bool optional;
-};
 
 static const char *arg_type_name(enum arg_type t)
 {
@@ -43,7 +37,7 @@ static const char *arg_type_name(enum arg_type t)
 /* Check args against spec in spec order, then reject unknown members, as
  * QEMU's input visitor does. On failure the request is answered and false
  * is returned: the handler must just return. */
-static bool args_check(struct qmp_req *req, json_t *args, const struct arg_spec *spec)
+bool args_check(struct qmp_req *req, json_t *args, const struct arg_spec *spec)
 {
 	const struct arg_spec *s;
 	const char *key;
@@ -92,13 +86,13 @@ static bool args_check(struct qmp_req *req, json_t *args, const struct arg_spec 
 
 static const struct arg_spec no_args[] = { { NULL } };
 
-static uint64_t arg_uint(json_t *args, const char *name, uint64_t dflt)
+uint64_t arg_uint(json_t *args, const char *name, uint64_t dflt)
 {
 	json_t *v = json_object_get(args, name);
 	return v ? (uint64_t)json_integer_value(v) : dflt;
 }
 
-static const char *arg_str(json_t *args, const char *name)
+const char *arg_str(json_t *args, const char *name)
 {
 	return json_string_value(json_object_get(args, name));
 }
