@@ -268,8 +268,9 @@ int folio_merge(struct guest_mem *gm, uint64_t gfn, unsigned order)
 
 /* ---- release / poison (locked) */
 
-/* f lies wholly inside the range being released. */
-int folio_release_locked(struct guest_mem *gm, struct folio *f, enum memdesc_type new_type)
+/* f lies wholly inside [lo, hi), the range being released. */
+int folio_release_locked(struct guest_mem *gm, struct folio *f, enum memdesc_type new_type,
+			 uint64_t lo, uint64_t hi)
 {
 	uint64_t gfn = f->gfn, nr = folio_nr_pages(f);
 	if (folio_flags_get(f) & FOLIO_PINNED)
@@ -278,28 +279,30 @@ int folio_release_locked(struct guest_mem *gm, struct folio *f, enum memdesc_typ
 		/* 2 MiB mappings: only a whole region gives memory back; a
 		 * ballooned part keeps its (zeroed) backing until then. */
 		uint64_t r0 = gfn & ~(uint64_t)(MM_REGION_PAGES - 1);
-		bool others = false;
-		for (uint64_t g = r0; g < r0 + MM_REGION_PAGES && !others; g++) {
+		bool outside = false, others = false;
+		for (uint64_t g = r0; g < r0 + MM_REGION_PAGES; g++) {
 			if (g >= gfn && g < gfn + nr)
 				continue;
-			others = memdesc_folio(mdt_get(&gm->md, g)) != NULL;
+			if (memdesc_folio(mdt_get(&gm->md, g))) {
+				others = true;
+				outside |= g < lo || g >= hi;
+			}
 		}
-		if (others && new_type == MEMDESC_UNBACKED)
+		if (outside && new_type == MEMDESC_UNBACKED)
 			return -EOPNOTSUPP;
 		int rc = folio_ref_freeze(f);
 		if (rc)
 			return rc;
-		if (others)
+		if (outside)
 			memset(gm->base + (gfn << MM_PAGE_SHIFT), 0, nr << MM_PAGE_SHIFT);
 		mdt_set_range(gm, gfn, nr, memdesc_make(new_type, NULL));
 		gm->folios[f->order]--;
 		pool_unplace(gm, f, true);
 		folio_free(gm, f);
-		if (!others) {
-			/* Nothing of the region is backed now: unmap it; its
-			 * ballooned pages fault into mm/ again when touched. */
+		/* Nothing of the region is backed now: unmap it; its ballooned
+		 * pages fault into mm/ again when touched. */
+		if (!others)
 			unmap_range(gm, r0, MM_REGION_PAGES);
-		}
 		return 0;
 	}
 	int rc = folio_ref_freeze(f);

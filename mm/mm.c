@@ -368,6 +368,9 @@ static int choose_order(struct guest_mem *gm, uint64_t gfn, unsigned order_max, 
 	return -1;
 }
 
+/* Publish the folio in the memdesc table first, then map it: the mapping
+ * (or userfaultfd unregistration, which wakes faulting threads) lets other
+ * threads in, and they must find the folio already there. */
 static int populate_one(struct guest_mem *gm, uint64_t gfn, unsigned order,
 			enum memdesc_type owner)
 {
@@ -385,18 +388,12 @@ static int populate_one(struct guest_mem *gm, uint64_t gfn, unsigned order,
 		folio_free(gm, f);
 		return rc;
 	}
-	if ((rc = map_folio(gm, f, newmap))) {
-		pool_unplace(gm, f, true);
-		atomic_store(&f->refcount, 0);
-		folio_free(gm, f);
-		return rc;
-	}
 	mdt_set_range(gm, gfn, 1ULL << order, memdesc_make(owner, f));
 	gm->folios[order]++;
 	slot_ensure_locked(gm, gfn << MM_PAGE_SHIFT);
 	if (newmap) {
-		/* hugetlb: the whole 2 MiB region is mapped now, so every
-		 * never-touched page of it gets its folio too. */
+		/* hugetlb: the whole 2 MiB region gets mapped, so every
+		 * never-touched page of it gets its folio too (before the map). */
 		uint64_t r0 = gfn & ~(uint64_t)(MM_REGION_PAGES - 1);
 		for (uint64_t g = r0; g < r0 + MM_REGION_PAGES;) {
 			int k = mdt_get(&gm->md, g) == 0 && gfn_is_ram(gm, g)
@@ -410,6 +407,14 @@ static int populate_one(struct guest_mem *gm, uint64_t gfn, unsigned order,
 				return rc;
 			g = b + (1ULL << k);
 		}
+	}
+	if ((rc = map_folio(gm, f, newmap))) {
+		atomic_store(&f->refcount, 0);
+		mdt_set_range(gm, gfn, 1ULL << order, memdesc_make(MEMDESC_UNBACKED, NULL));
+		gm->folios[order]--;
+		pool_unplace(gm, f, true);
+		folio_free(gm, f);
+		return rc;
 	}
 	return 0;
 }
@@ -470,31 +475,33 @@ int release_range_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
 	int ret = 0;
 	if (end > gm->md.npages)
 		end = gm->md.npages;
+	/* Folios first (a hugetlb region unmaps when its last one goes)... */
 	for (uint64_t g = gfn; g < end;) {
-		memdesc_t md = mdt_get(&gm->md, g);
-		struct folio *f = memdesc_folio(md);
-		if (f) {
-			int rc = folio_split_around(gm, f, gfn, end);
-			if (rc)
-				return rc;
-			f = memdesc_folio(mdt_get(&gm->md, g));
-			uint64_t next = f->gfn + folio_nr_pages(f);
-			rc = folio_release_locked(gm, f, new_type);
-			if (rc)
-				ret = rc;
-			g = next;
+		struct folio *f = memdesc_folio(mdt_get(&gm->md, g));
+		if (!f) {
+			g++;
 			continue;
 		}
-		enum memdesc_type t = memdesc_type(md);
-		if ((t == MEMDESC_UNBACKED || t == MEMDESC_BALLOONED) && t != new_type) {
-			if (gm->backing == MM_BACKING_HUGETLB && new_type == MEMDESC_UNBACKED &&
-			    *((uint32_t *)gm->pool.home.p + (g >> REGION_SHIFT))) {
-				ret = -EOPNOTSUPP;   /* inside a mapped hugetlb region */
-			} else {
-				mdt_set_range(gm, g, 1, memdesc_make(new_type, NULL));
-			}
+		int rc = folio_split_around(gm, f, gfn, end);
+		if (rc)
+			return rc;
+		f = memdesc_folio(mdt_get(&gm->md, g));
+		uint64_t next = f->gfn + folio_nr_pages(f);
+		if ((rc = folio_release_locked(gm, f, new_type, gfn, end)))
+			ret = rc;
+		g = next;
+	}
+	/* ...then pages without host memory change type. */
+	for (uint64_t g = gfn; g < end; g++) {
+		enum memdesc_type t = memdesc_type(mdt_get(&gm->md, g));
+		if ((t != MEMDESC_UNBACKED && t != MEMDESC_BALLOONED) || t == new_type)
+			continue;
+		if (gm->backing == MM_BACKING_HUGETLB && new_type == MEMDESC_UNBACKED &&
+		    *((uint32_t *)gm->pool.home.p + (g >> REGION_SHIFT))) {
+			ret = -EOPNOTSUPP;   /* inside a still mapped hugetlb region */
+			continue;
 		}
-		g++;
+		mdt_set_range(gm, g, 1, memdesc_make(new_type, NULL));
 	}
 	return ret;
 }

@@ -212,6 +212,19 @@ int folio_split(struct guest_mem *gm, uint64_t gfn, unsigned new_order);
  * one hugepage, into one folio. -EXDEV: not host-contiguous (move first). */
 int folio_merge(struct guest_mem *gm, uint64_t gfn, unsigned order);
 
+/* The host pool, for compaction/migration code and tests. Host hugepage
+ * idx (fd backings: file offset idx * 2 MiB; anon/thp: guest region idx). */
+struct mm_hpage_info {
+	bool live;            /* set up (host memory may be behind it) */
+	uint32_t region;      /* home guest 2 MiB region, or UINT32_MAX */
+	unsigned nr_used;     /* 4 KiB pieces used by folios */
+	unsigned nr_bad;      /* pieces quarantined after a memory failure */
+};
+int mm_pool_hpage_info(struct guest_mem *gm, uint32_t idx, struct mm_hpage_info *out);  /* 0 / -ENOENT */
+/* Which folio uses piece `piece` of host hugepage idx (NULL if free). Locked
+ * snapshot: the folio may change afterwards unless the caller holds it. */
+struct folio *mm_pool_piece_owner(struct guest_mem *gm, uint32_t idx, unsigned piece);
+
 /* The guest RAM window as KVM sees it (GPA 0 at the returned address).
  * Touching never-populated RAM through it takes the first-touch path
  * (userfaultfd), exactly as a vCPU does: tests use it to drive mm/ without KVM. */

@@ -154,7 +154,8 @@ void folio_ref_unfreeze(struct folio *f);       /* 0 -> 1 */
 int  folio_split_locked(struct guest_mem *gm, struct folio *f, unsigned new_order);
 /* Split f so that every resulting folio lies wholly inside or outside [lo, hi). */
 int  folio_split_around(struct guest_mem *gm, struct folio *f, uint64_t lo, uint64_t hi);
-int  folio_release_locked(struct guest_mem *gm, struct folio *f, enum memdesc_type new_type);
+int  folio_release_locked(struct guest_mem *gm, struct folio *f, enum memdesc_type new_type,
+			  uint64_t lo, uint64_t hi);
 int  folio_poison_locked(struct guest_mem *gm, uint64_t gfn);
 
 /* pool.c */

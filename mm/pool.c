@@ -481,3 +481,38 @@ int unmap_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
 	}
 	return placeholder_init(gm, gpa, len);
 }
+
+/* ---- inspection */
+int mm_pool_hpage_info(struct guest_mem *gm, uint32_t idx, struct mm_hpage_info *out)
+{
+	pthread_mutex_lock(&gm->lock);
+	struct hpage *h = pool_hpage(&gm->pool, idx);
+	if (h) {
+		out->live = h->live;
+		out->region = h->region;
+		out->nr_used = h->nr_used;
+		out->nr_bad = h->nr_bad;
+	}
+	pthread_mutex_unlock(&gm->lock);
+	return h ? 0 : -ENOENT;
+}
+
+struct folio *mm_pool_piece_owner(struct guest_mem *gm, uint32_t idx, unsigned piece)
+{
+	struct folio *f = NULL;
+	if (piece >= MM_REGION_PAGES)
+		return NULL;
+	pthread_mutex_lock(&gm->lock);
+	struct hpage *h = pool_hpage(&gm->pool, idx);
+	if (h && h->nr_used && (h->used[piece / 64] >> (piece % 64) & 1)) {
+		if (h->owners && h->owners[piece])
+			f = folio_by_id(gm, h->owners[piece] - 1);
+		else if (h->region != NO_REGION)
+			f = memdesc_folio(mdt_get(&gm->md, ((uint64_t)h->region << REGION_SHIFT) + piece));
+		/* a quarantined piece has no folio */
+		if (f && (f->hpage != idx || piece < f->piece || piece >= f->piece + folio_nr_pages(f)))
+			f = NULL;
+	}
+	pthread_mutex_unlock(&gm->lock);
+	return f;
+}
