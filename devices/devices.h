@@ -24,4 +24,13 @@ void testdev_reset(struct testdev *t);
 int  testdev_post(struct testdev *t, const char *cmd, unsigned timeout_ms,
 		  testdev_done_fn done, void *opaque);
 uint32_t testdev_sweeps(struct testdev *t);
+
+/* Migration: each device's state as a blob of its own format (starting
+ * with a version word). save: bytes written (<= cap) or 0 if cap is too
+ * small; load: 0, or -1 for a blob this build cannot take. */
+#define DEVICE_STATE_MAX 8192
+size_t serial_save(struct serial *s, void *buf, size_t cap);
+int    serial_load(struct serial *s, const void *buf, size_t len);
+size_t testdev_save(struct testdev *t, void *buf, size_t cap);
+int    testdev_load(struct testdev *t, const void *buf, size_t len);
 #endif

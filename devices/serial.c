@@ -166,3 +166,55 @@ struct serial *serial_create(struct vm *vm, uint16_t port, int irq, int out_fd)
 	}
 	return s;
 }
+
+/* ---- migration */
+struct serial_state {
+	uint32_t version;
+	uint8_t ier, lcr, mcr, scr, fcr, dll, dlm, thri_pending;
+	uint8_t rx[UART_RX_FIFO];
+	uint32_t rx_head, rx_len;
+	int32_t line;
+};
+#define SERIAL_STATE_VERSION 1
+
+size_t serial_save(struct serial *s, void *buf, size_t cap)
+{
+	struct serial_state st = { .version = SERIAL_STATE_VERSION };
+
+	if (cap < sizeof(st))
+		return 0;
+	pthread_mutex_lock(&s->lock);
+	st.ier = s->ier; st.lcr = s->lcr; st.mcr = s->mcr; st.scr = s->scr;
+	st.fcr = s->fcr; st.dll = s->dll; st.dlm = s->dlm; st.thri_pending = s->thri_pending;
+	memcpy(st.rx, s->rx, sizeof(st.rx));
+	st.rx_head = s->rx_head;
+	st.rx_len = s->rx_len;
+	st.line = s->line;
+	pthread_mutex_unlock(&s->lock);
+	memcpy(buf, &st, sizeof(st));
+	return sizeof(st);
+}
+
+int serial_load(struct serial *s, const void *buf, size_t len)
+{
+	struct serial_state st;
+
+	if (len != sizeof(st))
+		return -1;
+	memcpy(&st, buf, sizeof(st));
+	if (st.version != SERIAL_STATE_VERSION || st.rx_head >= UART_RX_FIFO ||
+	    st.rx_len > UART_RX_FIFO)
+		return -1;
+	pthread_mutex_lock(&s->lock);
+	s->ier = st.ier; s->lcr = st.lcr; s->mcr = st.mcr; s->scr = st.scr;
+	s->fcr = st.fcr; s->dll = st.dll; s->dlm = st.dlm; s->thri_pending = st.thri_pending;
+	memcpy(s->rx, st.rx, sizeof(s->rx));
+	s->rx_head = st.rx_head;
+	s->rx_len = st.rx_len;
+	/* Drive the line from scratch: the destination's irqchip state came
+	 * with the stream, the cached level must match what we drive now. */
+	s->line = -1;
+	serial_update_irq(s);
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}

@@ -127,6 +127,7 @@ void config_free(struct vm_config *cfg)
 	free(cfg->initrd);
 	free(cfg->cmdline);
 	free(cfg->control_path);
+	free(cfg->incoming);
 	free(cfg->console_path);
 	memset(cfg, 0, sizeof(*cfg));
 }
@@ -1118,6 +1119,7 @@ void config_print_run_usage(void *stream)
 		"                       memfd or anon\n"
 		"  --reserve-hugepages  raise vm.nr_hugepages if too few are free (root)\n"
 		"  --balloon on|off     virtio-balloon device (default on)\n"
+		"  --incoming URI       wait for a live migration on tcp:HOST:PORT or unix:PATH\n"
 		"  --inject-memory-error-at GPA[:KIND][@MS]\n"
 		"                       poison the guest page at GPA MS milliseconds after\n"
 		"                       start (default 0); KIND action-optional (default)\n"
@@ -1129,6 +1131,7 @@ void config_print_run_usage(void *stream)
 enum {
 	OPT_CONFIG = 256, OPT_MEMORY, OPT_CPUS, OPT_KERNEL, OPT_INITRD, OPT_CMDLINE, OPT_CONTROL,
 	OPT_CONSOLE, OPT_BACKING, OPT_RESERVE, OPT_CHECK, OPT_BALLOON, OPT_INJECT_AT,
+	OPT_INCOMING,
 };
 
 static const struct option run_options[] = {
@@ -1144,6 +1147,7 @@ static const struct option run_options[] = {
 	{ "reserve-hugepages", no_argument,       NULL, OPT_RESERVE },
 	{ "balloon",           required_argument, NULL, OPT_BALLOON },
 	{ "inject-memory-error-at", required_argument, NULL, OPT_INJECT_AT },
+	{ "incoming",          required_argument, NULL, OPT_INCOMING },
 	{ "check-config",      no_argument,       NULL, OPT_CHECK },  /* hidden */
 	{ "help",              no_argument,       NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
@@ -1299,6 +1303,32 @@ static void print_config(FILE *f, const struct vm_config *cfg)
 	fprintf(f, "reserve-hugepages: %s\n", cfg->reserve_hugepages ? "yes" : "no");
 	fprintf(f, "balloon: %s\n", cfg->balloon ? "on" : "off");
 	fprintf(f, "control: %s\n", cfg->control_path ? cfg->control_path : "none");
+	if (cfg->incoming)
+		fprintf(f, "incoming: %s\n", cfg->incoming);
+}
+
+/* Migration URI syntax (the address is resolved when used). */
+static int check_incoming(const char *uri, char *msg, size_t len)
+{
+	if (!strncmp(uri, "unix:", 5)) {
+		if (!uri[5] || strlen(uri + 5) > 107) {
+			snprintf(msg, len, "'%s': unix: needs a socket path of 1..107 bytes", uri);
+			return -1;
+		}
+		return 0;
+	}
+	if (!strncmp(uri, "tcp:", 4)) {
+		const char *colon = strrchr(uri + 4, ':');
+		char *end;
+		long port = colon ? strtol(colon + 1, &end, 10) : 0;
+		if (!colon || !colon[1] || *end || port < 1 || port > 65535) {
+			snprintf(msg, len, "'%s': expected tcp:HOST:PORT with a port in 1..65535", uri);
+			return -1;
+		}
+		return 0;
+	}
+	snprintf(msg, len, "'%s': expected tcp:HOST:PORT or unix:PATH", uri);
+	return -1;
 }
 
 /* Returns 0: run the VM; 1: --help was printed (exit 0); 2: --check-config
@@ -1427,6 +1457,13 @@ int config_parse_run_args(int argc, char **argv, struct vm_config *cfg, char *er
 				return -1;
 			}
 			cfg->balloon = !strcmp(optarg, "on");
+			break;
+		case OPT_INCOMING:
+			if (check_incoming(optarg, msg, sizeof(msg)) < 0) {
+				seterr(err, errlen, "--incoming: %s", msg);
+				return -1;
+			}
+			set_str(&cfg->incoming, optarg);
 			break;
 		case OPT_INJECT_AT:
 			if (cfg->n_inject_at == CONFIG_MAX_INJECT_AT) {

@@ -30,6 +30,7 @@ struct vm_config {
 	int balloon;             /* virtio-balloon: 1 (default, libvirt's too) or 0 */
 	struct mce_inject_at inject_at[CONFIG_MAX_INJECT_AT];
 	unsigned n_inject_at;
+	char *incoming;          /* --incoming tcp:HOST:PORT|unix:PATH, or NULL */
 };
 
 #define CONFIG_DEFAULT_MEM   (256ULL << 20)

@@ -54,6 +54,10 @@ static void ctl_usage(FILE *f)
 "                                    run a test-guest command (default 10000 ms)\n"
 "  guest WORDS...                    shorthand: guest-command command=\"WORDS...\"\n"
 "  query-guest                       test-guest counters (sweeps)\n"
+"  migrate URI [detach=true]         live-migrate to tcp:HOST:PORT or unix:PATH;\n"
+"                                    shows progress until done unless detach=true\n"
+"  query-migrate | migrate_cancel    migration status / cancel it\n"
+"  migrate-set-parameters max-bandwidth=BYTES/S downtime-limit=MS\n"
 "  query-commands | query-version    what the server supports\n"
 "\n"
 "exit status: 0 ok, 1 the command failed, 2 usage or connection error\n",
@@ -198,6 +202,8 @@ static int add_arg(json_t *args, const char *kv)
 }
 
 /* ---- the connection ---- */
+struct conn;
+static int migrate_progress(struct conn *c, bool json);
 
 struct conn {
 	int fd;
@@ -525,6 +531,11 @@ int ctl_main(int argc, char **argv)
 			guest_len += l;
 			continue;
 		}
+		/* `migrate URI`: the URI is the one positional argument. */
+		if (!strcmp(cmd, "migrate") && !strchr(a, '=') && !json_object_get(args, "uri")) {
+			json_object_set_new(args, "uri", json_string(a));
+			continue;
+		}
 		if ((ret = add_arg(args, a)) != 0)
 			goto out;
 		ret = EXIT_USAGE;
@@ -580,6 +591,9 @@ int ctl_main(int argc, char **argv)
 		goto out;
 	fflush(stdout);
 	ret = handle_reply(cmd, reply, json);
+	if (ret == EXIT_OK && !strcmp(cmd, "migrate") &&
+	    !json_is_true(json_object_get(args, "detach")))
+		ret = migrate_progress(&c, json);
 out:
 	fflush(stdout);
 	json_decref(reply);
@@ -589,4 +603,74 @@ out:
 	if (c.fd >= 0)
 		close(c.fd);
 	return ret;
+}
+
+/* `mdvm ctl migrate`: poll query-migrate, draw a progress bar on stderr,
+ * end with a summary; exit status 0 only if the migration completed. */
+static int migrate_progress(struct conn *c, bool json)
+{
+	bool tty = isatty(STDERR_FILENO);
+	uint64_t last_line = 0;
+
+	for (int id = 3;; id++) {
+		c->deadline_ns = (int64_t)monotonic_ns() + 30LL * 1000000000LL;
+		json_t *r = conn_call(c, "query-migrate", NULL, id), *ret, *ram;
+		if (!r)
+			return EXIT_USAGE;
+		ret = json_object_get(r, "return");
+		if (!ret) {
+			json_decref(r);
+			fprintf(stderr, "mdvm ctl: query-migrate failed\n");
+			return EXIT_CMD;
+		}
+		const char *st = json_string_value(json_object_get(ret, "status"));
+		ram = json_object_get(ret, "ram");
+		double total = (double)json_integer_value(json_object_get(ram, "total"));
+		double sent = (double)json_integer_value(json_object_get(ram, "transferred"));
+		double rem = (double)json_integer_value(json_object_get(ram, "remaining"));
+		json_int_t iters = json_integer_value(json_object_get(ram, "dirty-sync-count"));
+		json_int_t ms = json_integer_value(json_object_get(ret, "total-time"));
+		bool done = !st || !strcmp(st, "completed") || !strcmp(st, "failed") ||
+			    !strcmp(st, "cancelled");
+		/* Progress: RAM covered by the first pass, then what is left. */
+		double frac = !strcmp(st ? st : "", "completed") ? 1.0 :
+			      total > 0 ? (sent < total ? sent / total : 1.0 - rem / (total + rem)) : 0;
+		if (frac > 1)
+			frac = 1;
+		if (frac < 0)
+			frac = 0;
+		uint64_t now = monotonic_ns();
+		if (tty || done || now - last_line > 1000000000ULL) {
+			char bar[41];
+			int fill = (int)(frac * 40);
+			for (int i = 0; i < 40; i++)
+				bar[i] = i < fill ? '#' : '.';
+			bar[40] = 0;
+			fprintf(stderr, "%s[%s] %3d%% %s %.1f MiB sent, %.1f MiB left, iter %lld, %lld ms%s",
+				tty ? "\r" : "", bar, (int)(frac * 100), st ? st : "?", sent / 1048576,
+				rem / 1048576, (long long)iters, (long long)ms, tty ? "   " : "\n");
+			last_line = now;
+		}
+		if (done) {
+			if (tty)
+				fputc('\n', stderr);
+			if (json) {
+				char *s = json_dumps(ret, JSON_SORT_KEYS);
+				printf("%s\n", s);
+				free(s);
+			} else if (st && !strcmp(st, "completed")) {
+				printf("migration completed: %lld ms total, %lld ms downtime, %.1f MiB sent\n",
+				       (long long)ms, (long long)json_integer_value(json_object_get(ret, "downtime")),
+				       sent / 1048576);
+			} else {
+				const char *e = json_string_value(json_object_get(ret, "error-desc"));
+				printf("migration %s%s%s\n", st ? st : "ended", e ? ": " : "", e ? e : "");
+			}
+			int rc = st && !strcmp(st, "completed") ? EXIT_OK : EXIT_CMD;
+			json_decref(r);
+			return rc;
+		}
+		json_decref(r);
+		usleep(100000);
+	}
 }

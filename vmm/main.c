@@ -6,11 +6,13 @@
 #include "config.h"
 #include "ctl.h"
 #include "loop.h"
+#include "migration.h"
 #include "qmp.h"
 #include "util.h"
 #include "vm.h"
 
 void commands_register_memory(struct vm *vm) __attribute__((weak));
+void commands_register_migration(struct vm *vm);
 
 static void usage(FILE *f)
 {
@@ -55,6 +57,15 @@ static int run_main(int argc, char **argv)
 		return 1;
 	}
 	commands_register(vm);
+	commands_register_migration(vm);
+	/* Listen before the control socket appears: whoever waits for it can
+	 * then migrate to us at once. */
+	if (cfg.incoming && migration_incoming_listen(vm, cfg.incoming, err, sizeof(err)) < 0) {
+		fprintf(stderr, "mdvm: %s\n", err);
+		vm_destroy(vm);
+		config_free(&cfg);
+		return 1;
+	}
 	if (commands_register_memory)
 		commands_register_memory(vm);
 	if (cfg.control_path && qmp_server_start(cfg.control_path, err, sizeof(err)) < 0) {
@@ -66,7 +77,7 @@ static int run_main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGINT, on_terminate);
 	signal(SIGTERM, on_terminate);
-	if (vm_start(vm) < 0) {
+	if (cfg.incoming ? migration_incoming_start(vm) < 0 : vm_start(vm) < 0) {
 		ret = 1;
 	} else {
 		ret = loop_run();

@@ -17,6 +17,9 @@ enum vm_state {
 	VM_STATE_PAUSED,          /* stopped by `stop` */
 	VM_STATE_SHUTDOWN,        /* guest powered off / asked to exit */
 	VM_STATE_INTERNAL_ERROR,  /* emulation failure, exception in KVM_RUN */
+	VM_STATE_INMIGRATE,       /* --incoming: waiting for a migration stream */
+	VM_STATE_FINISH_MIGRATE,  /* migration source, vCPUs stopped for the last pass */
+	VM_STATE_POSTMIGRATE,     /* migration source after completion (paused) */
 };
 /* QMP "status" strings: "prelaunch", "running", "paused", "shutdown", "internal-error" */
 const char *vm_state_name(enum vm_state s);
@@ -59,4 +62,19 @@ int  vm_guest_command(struct vm *vm, const char *cmd, unsigned timeout_ms,
 		      vm_guest_done_fn done, void *opaque);
 /* Completed walk sweeps the guest reported through the test device. */
 uint32_t vm_guest_sweeps(struct vm *vm);
+
+/* Live migration (vmm/migration.c, vmm/vmstate.c). */
+struct serial;
+struct testdev;
+int  vm_kvm_fd(struct vm *vm);
+int  vm_fd(struct vm *vm);
+int  vm_vcpu_fd(struct vm *vm, int index);
+struct serial *vm_serial(struct vm *vm);
+struct testdev *vm_testdev(struct vm *vm);
+/* Park the vCPUs with their last I/O completed, RUNNING -> FINISH_MIGRATE. */
+int  vm_stop_for_migration(struct vm *vm);
+/* completed: -> POSTMIGRATE (vCPUs stay parked); else back to RUNNING. */
+void vm_migration_finish(struct vm *vm, bool completed);
+void vm_set_incoming(struct vm *vm);            /* PRELAUNCH -> INMIGRATE */
+void vm_throttle(struct vm *vm, unsigned pct);  /* vCPUs sleep pct% of the time; any thread */
 #endif

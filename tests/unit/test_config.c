@@ -780,6 +780,30 @@ START_TEST(balloon_xml_and_cli)
 }
 END_TEST
 
+START_TEST(cli_incoming)
+{
+	static const struct { const char *uri; const char *msg; } bad[] = {
+		{ "tcp:127.0.0.1", "--incoming: 'tcp:127.0.0.1': expected tcp:HOST:PORT with a port in 1..65535" },
+		{ "tcp:host:0", "--incoming: 'tcp:host:0': expected tcp:HOST:PORT with a port in 1..65535" },
+		{ "tcp:host:70000", "--incoming: 'tcp:host:70000': expected tcp:HOST:PORT with a port in 1..65535" },
+		{ "tcp:host:12x", "--incoming: 'tcp:host:12x': expected tcp:HOST:PORT with a port in 1..65535" },
+		{ "unix:", "--incoming: 'unix:': unix: needs a socket path of 1..107 bytes" },
+		{ "fd:3", "--incoming: 'fd:3': expected tcp:HOST:PORT or unix:PATH" },
+	};
+	ck_assert_msg(RUN("--kernel", kernel) == 0, "%s", err);
+	ck_assert_ptr_null(cfg.incoming);
+	ck_assert_msg(RUN("--kernel", kernel, "--incoming", "tcp:127.0.0.1:4444") == 0, "%s", err);
+	ck_assert_str_eq(cfg.incoming, "tcp:127.0.0.1:4444");
+	ck_assert_msg(RUN("--kernel", kernel, "--incoming", "tcp::4444") == 0, "%s", err);
+	ck_assert_msg(RUN("--kernel", kernel, "--incoming", "unix:/tmp/m.sock") == 0, "%s", err);
+	ck_assert_str_eq(cfg.incoming, "unix:/tmp/m.sock");
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		ck_assert_int_eq(RUN("--kernel", kernel, "--incoming", bad[i].uri), -1);
+		ck_assert_str_eq(err, bad[i].msg);
+	}
+}
+END_TEST
+
 Suite *config_suite(void)
 {
 	Suite *s = suite_create("config");
@@ -807,6 +831,7 @@ Suite *config_suite(void)
 	tcase_add_test(tc, cli_cmdline_limit);
 	tcase_add_test(tc, cli_help_and_check);
 	tcase_add_test(tc, balloon_xml_and_cli);
+	tcase_add_test(tc, cli_incoming);
 	suite_add_tcase(s, tc);
 	return s;
 }
