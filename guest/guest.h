@@ -64,6 +64,23 @@ void idt_init(void);
 void testdev_fail_inflight(const char *text, uint32_t status);
 void debug_exit(uint8_t code);
 
+/* main.c, for commands in other files */
+struct arg {
+	const char *key;
+	uint64_t val;           /* preset to the default */
+};
+void reply(uint32_t status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+bool parse_args(const char *cmd, char *s, struct arg *args, int nargs);
+bool check_range(const char *cmd, uint64_t base, uint64_t size);
+
+/* balloon.c (virtio.c: virtio_take_cmdline) */
+void virtio_take_cmdline(char *cmdline);
+void balloon_boot(const struct hvm_memmap_entry *map, unsigned n);
+bool balloon_command(const char *name, char *rest);   /* false: not a balloon command */
+void balloon_poll(void);                 /* `balloon auto=1`: follow the target */
+uint64_t balloon_clip(uint64_t base, uint64_t end);  /* end of [base,end) below the balloon */
+bool balloon_overlaps(uint64_t base, uint64_t end);
+
 /* Linker-script symbols (guest.ld). */
 extern char __image_start[], __image_end[], __bss_start[], __bss_end[];
 extern uint64_t boot_pml4[512], boot_pdpt[512], boot_pd[4][512];

@@ -83,8 +83,7 @@ void testdev_fail_inflight(const char *text, uint32_t status)
 
 /* One result line: to the console, and to the response of an unacked
  * test-device command. */
-static void reply(uint32_t status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void reply(uint32_t status, const char *fmt, ...)
+void reply(uint32_t status, const char *fmt, ...)
 {
 	char line[512];
 	va_list ap;
@@ -157,12 +156,7 @@ static char *skip_space(char *s)
 }
 
 /* Parse "key=value ..." against the allowed keys; values are numbers. */
-struct arg {
-	const char *key;
-	uint64_t val;           /* preset to the default */
-};
-
-static bool parse_args(const char *cmd, char *s, struct arg *args, int nargs)
+bool parse_args(const char *cmd, char *s, struct arg *args, int nargs)
 {
 	for (;;) {
 		s = skip_space(s);
@@ -217,7 +211,7 @@ static bool ram_covers(uint64_t start, uint64_t end)
 	return true;
 }
 
-static bool check_range(const char *cmd, uint64_t base, uint64_t size)
+bool check_range(const char *cmd, uint64_t base, uint64_t size)
 {
 	uint64_t end = base + size;
 	uint64_t img_lo = (uintptr_t)__image_start & ~(PAGE_SIZE - 1);
@@ -240,6 +234,11 @@ static bool check_range(const char *cmd, uint64_t base, uint64_t size)
 	if (base < img_hi && img_lo < end) {
 		reply(STATUS_ERROR, "mdvm-guest: error: %s: range 0x%lx-0x%lx overlaps the guest image 0x%lx-0x%lx",
 		      cmd, base, end - 1, img_lo, img_hi - 1);
+		return false;
+	}
+	if (balloon_overlaps(base, end)) {
+		reply(STATUS_ERROR, "mdvm-guest: error: %s: range 0x%lx-0x%lx overlaps pages given to the balloon",
+		      cmd, base, end - 1);
 		return false;
 	}
 	return true;
@@ -346,8 +345,9 @@ static void cmd_walk(const char *name, char *rest)
 		mmio_write32(tdreg(TESTDEV_SWEEPS), 0);
 
 	for (;;) {
-		sweep(walk_base, walk_base + walk_size);
+		sweep(walk_base, balloon_clip(walk_base, walk_base + walk_size));
 		walk_sweeps++;
+		balloon_poll();   /* `balloon auto=1`; the balloon's pages are never swept */
 		if (testdev) {
 			mmio_write32(tdreg(TESTDEV_SWEEPS), walk_sweeps);
 			uint32_t seq = mmio_read32(tdreg(TESTDEV_CMD_SEQ));
@@ -526,6 +526,8 @@ static void run_cmd(char *s)
 			return;
 		}
 	}
+	if (balloon_command(name, rest))
+		return;
 	reply(STATUS_ERROR, "mdvm-guest: error: unknown command '%s'", name);
 }
 
@@ -666,6 +668,7 @@ void guest_main(struct hvm_start_info *si)
 	uart_init();
 	idt_init();
 	read_boot_info(si);
+	virtio_take_cmdline(boot_cmdline);
 	if (!ncpus)
 		ncpus = cpuid_count();
 
@@ -680,6 +683,7 @@ void guest_main(struct hvm_start_info *si)
 	}
 	if (ram_end > 4 * GiB)
 		map_high_ram(ram_end);
+	balloon_boot(memmap, memmap_n);
 
 	testdev = mmio_read32(tdreg(TESTDEV_MAGIC)) == TESTDEV_MAGIC_VALUE;
 
@@ -698,8 +702,10 @@ void guest_main(struct hvm_start_info *si)
 	}
 	for (;;) {
 		uint32_t seq = mmio_read32(tdreg(TESTDEV_WAIT));   /* blocks up to ~50 ms */
-		if (seq == last_seq)
+		if (seq == last_seq) {
+			balloon_poll();
 			continue;
+		}
 		read_cmd(text);
 		handle_dev_command(seq, text);
 	}

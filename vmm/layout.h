@@ -19,6 +19,13 @@
 #define MDVM_MMIO_HOLE_START    0xC0000000ULL
 #define MDVM_MMIO_HOLE_END      0x100000000ULL
 
+/* virtio-mmio transports (docs/virtio.md): device i at MDVM_VIRTIO_MMIO_GPA +
+ * i * MDVM_VIRTIO_MMIO_SIZE, edge-triggered on IOAPIC pin MDVM_VIRTIO_IRQ + i.
+ * Device 0 is the balloon. Passed to the guest as virtio_mmio.device=. */
+#define MDVM_VIRTIO_MMIO_GPA    0xFEB01000ULL
+#define MDVM_VIRTIO_MMIO_SIZE   0x1000ULL
+#define MDVM_VIRTIO_IRQ         5
+
 /* Paravirtual test device (MMIO mailbox), see docs/test-guest.md. */
 #define MDVM_TESTDEV_GPA        0xFEB00000ULL
 #define MDVM_TESTDEV_SIZE       0x1000ULL

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -21,6 +22,7 @@
 #include "bus.h"
 #include "dirty_kvm.h"
 #include "../devices/devices.h"
+#include "../devices/virtio_balloon.h"
 #include "../mm/mm.h"
 
 #define VCPU_KICK_SIGNAL SIGUSR1
@@ -43,6 +45,8 @@ struct vm {
 	int ncpus;
 	struct serial *serial;
 	struct testdev *testdev;
+	struct virtio_balloon *balloon;
+	char *cmdline;            /* cfg->cmdline + virtio_mmio.device= for our devices */
 	int console_fd;
 	struct boot_image img;
 
@@ -89,6 +93,39 @@ void vm_irq_line(struct vm *vm, int irq, int level)
 	struct kvm_irq_level l = { .irq = irq, .level = level };
 	ioctl(vm->vm_fd, KVM_IRQ_LINE, &l);
 }
+
+int vm_add_ioeventfd(struct vm *vm, uint64_t gpa, uint32_t len, uint64_t datamatch)
+{
+	int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	struct kvm_ioeventfd io = { .datamatch = datamatch, .addr = gpa, .len = len,
+				    .flags = KVM_IOEVENTFD_FLAG_DATAMATCH };
+
+	io.fd = fd;
+	if (fd >= 0 && ioctl(vm->vm_fd, KVM_IOEVENTFD, &io) < 0) {
+		int e = errno;
+		close(fd);
+		errno = e;
+		return -1;
+	}
+	return fd;
+}
+
+int vm_add_irqfd(struct vm *vm, int gsi)
+{
+	int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	struct kvm_irqfd irq = { .gsi = (uint32_t)gsi };
+
+	irq.fd = (uint32_t)fd;
+	if (fd >= 0 && ioctl(vm->vm_fd, KVM_IRQFD, &irq) < 0) {
+		int e = errno;
+		close(fd);
+		errno = e;
+		return -1;
+	}
+	return fd;
+}
+
+struct virtio_balloon *vm_balloon(struct vm *vm) { return vm->balloon; }
 
 /* ---- vCPU setup */
 static int vcpu_setup_cpuid(struct vm *vm, struct vcpu *v, char *err, size_t errlen)
@@ -175,7 +212,7 @@ static int vm_write_boot_gdt(struct vm *vm)
 
 static int vm_load_kernel(struct vm *vm, char *err, size_t errlen)
 {
-	if (boot_load_pvh(vm->gm, vm->cfg->kernel, vm->cfg->cmdline, &vm->img, err, errlen) < 0)
+	if (boot_load_pvh(vm->gm, vm->cfg->kernel, vm->cmdline, &vm->img, err, errlen) < 0)
 		return -1;
 	if (vm_write_boot_gdt(vm) < 0)
 		return VERR("cannot write the boot GDT");
@@ -501,6 +538,21 @@ struct vm *vm_create(const struct vm_config *cfg, char *err, size_t errlen)
 		VERR("cannot register devices: %s", strerror(errno));
 		goto fail;
 	}
+	vm->cmdline = xstrdup(cfg->cmdline ? cfg->cmdline : "");
+	if (cfg->balloon) {
+		/* How a guest finds it (Linux: CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES). */
+		char *c;
+		vm->balloon = virtio_balloon_create(vm, MDVM_VIRTIO_MMIO_GPA, MDVM_VIRTIO_IRQ);
+		if (!vm->balloon) {
+			VERR("cannot create the virtio balloon");
+			goto fail;
+		}
+		if (asprintf(&c, "%s%svirtio_mmio.device=4K@0x%llx:%d", vm->cmdline, *vm->cmdline ? " " : "",
+			     MDVM_VIRTIO_MMIO_GPA, MDVM_VIRTIO_IRQ) < 0)
+			abort();
+		free(vm->cmdline);
+		vm->cmdline = c;
+	}
 	if (vm_load_kernel(vm, err, errlen) < 0)
 		goto fail;
 	if (vm_create_vcpus(vm, err, errlen) < 0)
@@ -559,6 +611,7 @@ void vm_destroy(struct vm *vm)
 		close(vm->vm_fd);
 	if (vm->kvm_fd >= 0)
 		close(vm->kvm_fd);
+	free(vm->cmdline);
 	free(vm);
 }
 
@@ -643,6 +696,8 @@ int vm_reset(struct vm *vm)
 	vm_park_all(vm);
 	serial_reset(vm->serial);
 	testdev_reset(vm->testdev);
+	if (vm->balloon)
+		virtio_balloon_system_reset(vm->balloon);
 	for (int i = 1; i < vm->ncpus; i++) {
 		struct kvm_mp_state mp = { .mp_state = KVM_MP_STATE_UNINITIALIZED };
 		ioctl(vm->vcpus[i].fd, KVM_SET_MP_STATE, &mp);

@@ -46,6 +46,12 @@ int  vm_reset(struct vm *vm);
 void vm_guest_reset(struct vm *vm);
 /* Drive an interrupt line of the in-kernel irqchip. Any thread. */
 void vm_irq_line(struct vm *vm, int irq, int level);
+/* virtio-mmio plumbing. KVM_IOEVENTFD: an eventfd signalled when the guest
+ * writes `datamatch` (len bytes) at MMIO gpa; KVM_IRQFD: an eventfd whose
+ * every write pulses GSI `gsi`. Return the fd, or -1 (errno set). */
+int  vm_add_ioeventfd(struct vm *vm, uint64_t gpa, uint32_t len, uint64_t datamatch);
+int  vm_add_irqfd(struct vm *vm, int gsi);
+struct virtio_balloon *vm_balloon(struct vm *vm);   /* NULL without one */
 /* Ask the process to exit with `code` once the main loop gets to it. */
 void vm_request_exit(struct vm *vm, int code, const char *reason);  /* any thread */
 

@@ -1,0 +1,475 @@
+/* Test guest: virtio-balloon driver (virtio 1.2 §5.5) and its commands.
+ *
+ * The guest has no page allocator, so the balloon takes RAM pages from the
+ * top of guest memory down: the ballooned pages are the RAM pages in
+ * [bal_low, ram_top). The guest never touches them: walk stops below
+ * bal_low, fill/verify refuse ranges that overlap it. Deflated pages come
+ * back zeroed (the host released them). docs/test-guest.md lists the commands. */
+#include "guest.h"
+#include "virtio.h"
+
+#define OK 0
+#define FAIL 1
+#define ERR 2
+#define PAGE 4096ULL
+#define BATCH 256                 /* PFNs per inflate/deflate request, as Linux */
+
+#define VIRTIO_ID_BALLOON 5
+#define F_STATS_VQ 1
+#define F_DEFLATE_ON_OOM 2
+#define F_REPORTING 5
+#define CFG_NUM_PAGES 0
+#define CFG_ACTUAL 4
+#define DESC_F_WRITE 2
+
+static struct gvdev dev;
+static bool have_dev;
+static int q_stats = -1, q_report = -1;
+static bool auto_mode;
+
+static const struct hvm_memmap_entry *map;
+static unsigned map_n;
+static uint64_t ram_top, floor_addr, ram_pages;
+static uint64_t bal_low;          /* lowest ballooned page (ram_top when empty) */
+static uint64_t held;             /* pages in the balloon */
+
+static uint32_t pfns[BATCH];
+static struct { uint16_t tag; uint64_t val; } __attribute__((packed)) stats[6];
+
+void balloon_boot(const struct hvm_memmap_entry *m, unsigned n)
+{
+	uint64_t img_hi = ((uintptr_t)__image_end + PAGE - 1) & ~(PAGE - 1);
+
+	map = m;
+	map_n = n;
+	for (unsigned i = 0; i < n; i++) {
+		if (m[i].type != E820_RAM)
+			continue;
+		ram_pages += m[i].size / PAGE;
+		if (m[i].addr + m[i].size > ram_top)
+			ram_top = (m[i].addr + m[i].size) & ~(PAGE - 1);
+	}
+	floor_addr = img_hi > (1ULL << 20) ? img_hi : (1ULL << 20);
+	bal_low = ram_top;
+}
+
+/* The highest RAM page below a (and >= floor), or 0. */
+static uint64_t ram_page_below(uint64_t a)
+{
+	uint64_t best = 0;
+
+	for (unsigned i = 0; i < map_n; i++) {
+		uint64_t s = (map[i].addr + PAGE - 1) & ~(PAGE - 1), e = (map[i].addr + map[i].size) & ~(PAGE - 1);
+		if (map[i].type != E820_RAM || s >= e || s >= a)
+			continue;
+		uint64_t top = (e < a ? e : a) - PAGE;
+		if (top >= floor_addr && top > best)
+			best = top;
+	}
+	return best;
+}
+
+/* The lowest RAM page at or above a, or ram_top. */
+static uint64_t ram_page_from(uint64_t a)
+{
+	uint64_t best = ram_top;
+
+	for (unsigned i = 0; i < map_n; i++) {
+		uint64_t s = (map[i].addr + PAGE - 1) & ~(PAGE - 1), e = (map[i].addr + map[i].size) & ~(PAGE - 1);
+		if (map[i].type != E820_RAM || e <= a || s >= e)
+			continue;
+		uint64_t p = s > a ? s : a;
+		if (p < best)
+			best = p;
+	}
+	return best;
+}
+
+uint64_t balloon_clip(uint64_t base, uint64_t end)
+{
+	if (end > bal_low)
+		end = bal_low > base ? bal_low : base;
+	return end;
+}
+
+bool balloon_overlaps(uint64_t base, uint64_t end)
+{
+	return held && end > bal_low && base < ram_top;
+}
+
+static void fill_stats(void)
+{
+	uint64_t free = (ram_pages - held) * PAGE;
+
+	stats[0].tag = 2; stats[0].val = 0;              /* major faults */
+	stats[1].tag = 3; stats[1].val = 0;              /* minor faults */
+	stats[2].tag = 4; stats[2].val = free;           /* free memory */
+	stats[3].tag = 5; stats[3].val = ram_pages * PAGE;   /* total memory */
+	stats[4].tag = 6; stats[4].val = free;           /* available */
+	stats[5].tag = 7; stats[5].val = 0;              /* disk caches */
+}
+
+static void post_stats(void)
+{
+	uint64_t a = (uintptr_t)stats;
+	uint32_t l = sizeof(stats);
+	uint16_t f = 0;
+
+	fill_stats();
+	virtio_post(&dev, (unsigned)q_stats, &a, &l, &f, 1);
+}
+
+/* The device returned the stats buffer: it wants fresh numbers. */
+static void service_stats(void)
+{
+	if (q_stats >= 0 && virtio_done(&dev, (unsigned)q_stats))
+		post_stats();
+}
+
+static bool ensure_ready(char *err, unsigned errlen)
+{
+	unsigned n = 2;
+
+	if (have_dev && dev.ready && !(virtio_status(&dev) & 0x40))
+		return true;
+	if (!have_dev && !virtio_find(VIRTIO_ID_BALLOON, &dev)) {
+		ksnprintf(err, errlen, "no virtio-balloon device");
+		return false;
+	}
+	have_dev = true;
+	if (!virtio_init(&dev, (1ULL << F_STATS_VQ) | (1ULL << F_DEFLATE_ON_OOM) | (1ULL << F_REPORTING),
+			 err, errlen))
+		return false;
+	q_stats = q_report = -1;
+	if (!virtio_setup_queue(&dev, 0, err, errlen) || !virtio_setup_queue(&dev, 1, err, errlen))
+		return false;
+	if (dev.features & (1ULL << F_STATS_VQ)) {
+		q_stats = (int)n;
+		if (!virtio_setup_queue(&dev, n++, err, errlen))
+			return false;
+	}
+	if (dev.features & (1ULL << F_REPORTING)) {
+		q_report = (int)n;
+		if (!virtio_setup_queue(&dev, n++, err, errlen))
+			return false;
+	}
+	virtio_driver_ok(&dev);
+	if (q_stats >= 0)
+		post_stats();
+	/* After a device reset the host still holds what we gave it. */
+	virtio_config_write32(&dev, CFG_ACTUAL, (uint32_t)held);
+	kprintf("balloon: device at 0x%lx features=0x%lx queues=%u\n", dev.base, dev.features, n);
+	return true;
+}
+
+static bool send_pfns(unsigned q, unsigned n)
+{
+	uint64_t a = (uintptr_t)pfns;
+	uint32_t l = n * 4;
+	uint16_t f = 0;
+
+	return virtio_request(&dev, q, &a, &l, &f, 1);
+}
+
+/* Give up to n more pages (from bal_low down). Returns pages given, -1 on error. */
+static int inflate(unsigned n)
+{
+	uint64_t p = bal_low;
+	unsigned k = 0;
+
+	while (k < n && (p = ram_page_below(p)) != 0)
+		pfns[n - 1 - k++] = (uint32_t)(p >> 12);
+	if (!k)
+		return 0;
+	if (k < n)   /* keep the array ascending from its start */
+		memmove(pfns, pfns + (n - k), k * 4);
+	/* Host first: the pages are not ours once the request is posted. */
+	if (!send_pfns(0, k))
+		return -1;
+	bal_low = (uint64_t)pfns[0] << 12;
+	held += k;
+	return (int)k;
+}
+
+/* Take up to n pages back (the lowest ballooned ones). */
+static int deflate(unsigned n)
+{
+	uint64_t p = bal_low;
+	unsigned k = 0;
+
+	while (k < n && k < held && (p = ram_page_from(p)) < ram_top) {
+		pfns[k++] = (uint32_t)(p >> 12);
+		p += PAGE;
+	}
+	if (!k)
+		return 0;
+	if (!send_pfns(1, k))
+		return -1;
+	/* Without MUST_TELL_HOST we could have used them first; we wait anyway. */
+	bal_low = ram_page_from(p);
+	held -= k;
+	return (int)k;
+}
+
+/* Follow the device's target for at most max_req requests. 1: at target,
+ * 0: not there yet / cannot go further, -1: device error. */
+static int sync_target(unsigned max_req, bool *limited)
+{
+	for (unsigned i = 0; i < max_req; i++) {
+		uint32_t target = virtio_config_read32(&dev, CFG_NUM_PAGES);
+		int r;
+
+		service_stats();
+		if (held == target)
+			return 1;
+		if (held < target) {
+			uint64_t want = target - held;
+			r = inflate(want < BATCH ? (unsigned)want : BATCH);
+			if (r == 0) {
+				if (limited)
+					*limited = true;
+				return 0;
+			}
+		} else {
+			uint64_t want = held - target;
+			r = deflate(want < BATCH ? (unsigned)want : BATCH);
+		}
+		if (r < 0)
+			return -1;
+		virtio_config_write32(&dev, CFG_ACTUAL, (uint32_t)held);
+	}
+	return 0;
+}
+
+void balloon_poll(void)
+{
+	char err[96];
+
+	if (!auto_mode || !ensure_ready(err, sizeof(err)))
+		return;
+	if (sync_target(16, NULL) < 0) {
+		kprintf("balloon: device error (status 0x%x); auto mode off\n", virtio_status(&dev));
+		auto_mode = false;
+	}
+}
+
+static void cmd_balloon(const char *name, char *rest)
+{
+	struct arg a[] = { { "auto", 2 } };
+	char err[96];
+	bool limited = false;
+	int r;
+
+	if (!parse_args(name, rest, a, 1))
+		return;
+	if (!ensure_ready(err, sizeof(err))) {
+		reply(ERR, "balloon: error: %s", err);
+		return;
+	}
+	if (a[0].val != 2)
+		auto_mode = a[0].val != 0;
+	do
+		r = sync_target(1u << 20, &limited);
+	while (r == 0 && !limited);
+	if (r < 0) {
+		reply(FAIL, "balloon: error: device failed the request (status 0x%x)", virtio_status(&dev));
+		return;
+	}
+	reply(OK, "balloon: %s target=%u actual=%lu low=0x%lx auto=%u",
+	      limited ? "limit" : "ok", virtio_config_read32(&dev, CFG_NUM_PAGES), held, bal_low,
+	      auto_mode ? 1 : 0);
+}
+
+static void cmd_balloon_wait(const char *name, char *rest)
+{
+	struct arg a[] = { { "timeout", 60 } };
+	char err[96];
+	uint64_t t0 = guest_rdtsc();
+
+	if (!parse_args(name, rest, a, 1))
+		return;
+	if (!ensure_ready(err, sizeof(err))) {
+		reply(ERR, "balloon-wait: error: %s", err);
+		return;
+	}
+	/* ~1 s per 2^31 TSC cycles: close enough for a timeout. */
+	while (virtio_config_read32(&dev, CFG_NUM_PAGES) == held) {
+		service_stats();
+		if (guest_rdtsc() - t0 > (a[0].val << 31)) {
+			reply(FAIL, "balloon-wait: timeout target=%lu", held);
+			return;
+		}
+		for (int i = 0; i < 1000; i++)
+			asm volatile("pause");
+	}
+	reply(OK, "balloon-wait: target=%u actual=%lu", virtio_config_read32(&dev, CFG_NUM_PAGES), held);
+}
+
+static void cmd_balloon_oom(const char *name, char *rest)
+{
+	struct arg a[] = { { "pages", BATCH } };
+	char err[96];
+	uint64_t done = 0;
+
+	if (!parse_args(name, rest, a, 1))
+		return;
+	if (!ensure_ready(err, sizeof(err))) {
+		reply(ERR, "balloon-oom: error: %s", err);
+		return;
+	}
+	if (!(dev.features & (1ULL << F_DEFLATE_ON_OOM))) {
+		reply(ERR, "balloon-oom: error: VIRTIO_BALLOON_F_DEFLATE_ON_OOM not negotiated");
+		return;
+	}
+	auto_mode = false;   /* or the next poll would inflate again */
+	while (done < a[0].val && held) {
+		uint64_t want = a[0].val - done;
+		int r = deflate(want < BATCH ? (unsigned)want : BATCH);
+		if (r <= 0)
+			break;
+		done += (unsigned)r;
+		virtio_config_write32(&dev, CFG_ACTUAL, (uint32_t)held);
+	}
+	reply(OK, "balloon-oom: deflated=%lu actual=%lu", done, held);
+}
+
+static void cmd_balloon_info(const char *name, char *rest)
+{
+	char err[96];
+
+	if (!ensure_ready(err, sizeof(err))) {
+		reply(ERR, "balloon-info: error: %s", err);
+		return;
+	}
+	reply(OK, "balloon-info: base=0x%lx irq=%d features=0x%lx target=%u actual=%lu low=0x%lx "
+	      "status=0x%x stats=%d report=%d", dev.base, dev.irq, dev.features,
+	      virtio_config_read32(&dev, CFG_NUM_PAGES), held, bal_low, virtio_status(&dev), q_stats,
+	      q_report);
+}
+
+static void cmd_report_free(const char *name, char *rest)
+{
+	struct arg a[] = { { "base", 8ULL << 20 }, { "size", 2ULL << 20 } };
+	char err[96];
+	uint64_t addr;
+	uint32_t len;
+	uint16_t f = DESC_F_WRITE;   /* as Linux: device-writable buffers */
+
+	if (!parse_args(name, rest, a, 2) || !check_range(name, a[0].val, a[1].val))
+		return;
+	if (a[1].val > 0x80000000ULL) {
+		reply(ERR, "report-free: error: size at most 2G per report");
+		return;
+	}
+	if (!ensure_ready(err, sizeof(err))) {
+		reply(ERR, "report-free: error: %s", err);
+		return;
+	}
+	if (q_report < 0) {
+		reply(ERR, "report-free: error: VIRTIO_BALLOON_F_REPORTING not negotiated");
+		return;
+	}
+	addr = a[0].val;
+	len = (uint32_t)a[1].val;
+	if (!virtio_request(&dev, (unsigned)q_report, &addr, &len, &f, 1)) {
+		reply(FAIL, "report-free: error: device failed the request (status 0x%x)", virtio_status(&dev));
+		return;
+	}
+	reply(OK, "report-free: ok pages=%lu", (uint64_t)(a[1].val / PAGE));
+}
+
+/* A deliberately broken driver: garbage in the inflate queue. The device
+ * must answer with NEEDS_RESET and leave everything else alone. */
+static void cmd_balloon_hostile(const char *name, char *rest)
+{
+	static const char *const kinds[] = { "loop", "addr", "len", "head", "idx", "pfn", "ring", "wrflag" };
+	struct arg a[] = { { "kind", 0 } };
+	char err[96];
+	struct gvq *q;
+	uint64_t t0;
+	uint32_t st;
+
+	if (!parse_args(name, rest, a, 1))
+		return;
+	if (a[0].val >= sizeof(kinds) / sizeof(kinds[0])) {
+		reply(ERR, "balloon-hostile: error: kind=0..7 (loop addr len head idx pfn ring wrflag)");
+		return;
+	}
+	if (!ensure_ready(err, sizeof(err))) {
+		reply(ERR, "balloon-hostile: error: %s", err);
+		return;
+	}
+	auto_mode = false;
+	q = &dev.vq[0];
+	pfns[0] = (uint32_t)(bal_low >> 12);   /* harmless if it were used: already ballooned or top */
+	switch (a[0].val) {
+	case 0:   /* a descriptor loop */
+		q->desc[0] = (struct vdesc){ (uintptr_t)pfns, 4, 1, 1 };
+		q->desc[1] = (struct vdesc){ (uintptr_t)pfns, 4, 1, 0 };
+		break;
+	case 1:   /* buffer outside guest RAM */
+		q->desc[0] = (struct vdesc){ 0xfff00000000ULL, 4, 0, 0 };
+		break;
+	case 2:   /* a 2 MiB "PFN array" */
+		q->desc[0] = (struct vdesc){ 4ULL << 20, 2u << 20, 0, 0 };
+		break;
+	case 3:   /* chain head out of range */
+		q->desc[0] = (struct vdesc){ (uintptr_t)pfns, 4, 0, 0 };
+		break;
+	case 4:   /* avail index far ahead */
+		q->desc[0] = (struct vdesc){ (uintptr_t)pfns, 4, 0, 0 };
+		break;
+	case 5:   /* a page frame that is not RAM */
+		pfns[0] = 0xfffffff0u;
+		q->desc[0] = (struct vdesc){ (uintptr_t)pfns, 4, 0, 0 };
+		break;
+	case 6:   /* ring in the MMIO hole */
+		virtio_reset(&dev);
+		if (!virtio_init(&dev, 1ULL << F_STATS_VQ, err, sizeof(err))) {
+			reply(ERR, "balloon-hostile: error: %s", err);
+			return;
+		}
+		mmio_write32(dev.base + 0x030, 0);
+		mmio_write32(dev.base + 0x038, GVQ_NUM);
+		mmio_write32(dev.base + 0x080, 0xF0000000u);
+		mmio_write32(dev.base + 0x084, 0);
+		mmio_write32(dev.base + 0x044, 1);
+		break;
+	case 7:   /* inflate buffer marked device-writable */
+		q->desc[0] = (struct vdesc){ (uintptr_t)pfns, 4, DESC_F_WRITE, 0 };
+		break;
+	}
+	if (a[0].val != 6) {
+		q->avail->ring[q->avail_idx % GVQ_NUM] = a[0].val == 3 ? 200 : 0;
+		q->avail_idx += a[0].val == 4 ? 100 : 1;
+		asm volatile("" : : : "memory");
+		*(volatile uint16_t *)&q->avail->idx = q->avail_idx;
+		virtio_notify(&dev, 0);
+	}
+	t0 = guest_rdtsc();
+	while (!((st = virtio_status(&dev)) & 0x40) && guest_rdtsc() - t0 < (1ULL << 34))
+		asm volatile("pause");
+	/* Start over next time: reset, then a fresh init. */
+	virtio_reset(&dev);
+	reply(st & 0x40 ? OK : FAIL, "balloon-hostile: kind=%s needs_reset=%u status=0x%x", kinds[a[0].val],
+	      (st & 0x40) ? 1 : 0, st);
+}
+
+bool balloon_command(const char *name, char *rest)
+{
+	static const struct { const char *name; void (*fn)(const char *, char *); } cmds[] = {
+		{ "balloon", cmd_balloon },
+		{ "balloon-wait", cmd_balloon_wait },
+		{ "balloon-oom", cmd_balloon_oom },
+		{ "balloon-info", cmd_balloon_info },
+		{ "balloon-hostile", cmd_balloon_hostile },
+		{ "report-free", cmd_report_free },
+	};
+
+	for (unsigned i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
+		if (!strcmp(name, cmds[i].name)) {
+			cmds[i].fn(name, rest);
+			return true;
+		}
+	return false;
+}
