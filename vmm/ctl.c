@@ -54,6 +54,9 @@ static void ctl_usage(FILE *f)
 "                                    run a test-guest command (default 10000 ms)\n"
 "  guest WORDS...                    shorthand: guest-command command=\"WORDS...\"\n"
 "  query-guest                       test-guest counters (sweeps)\n"
+"  balloon SIZE                      virtio balloon: the guest should keep SIZE of RAM\n"
+"                                    (256M, 1G; a bare number is MiB, as QEMU's HMP)\n"
+"  query-balloon                     actual: guest RAM minus the balloon, in bytes\n"
 "  migrate URI [detach=true]         live-migrate to tcp:HOST:PORT or unix:PATH;\n"
 "                                    shows progress until done unless detach=true\n"
 "  query-migrate | migrate_cancel    migration status / cancel it\n"
@@ -534,6 +537,16 @@ int ctl_main(int argc, char **argv)
 		/* `migrate URI`: the URI is the one positional argument. */
 		if (!strcmp(cmd, "migrate") && !strchr(a, '=') && !json_object_get(args, "uri")) {
 			json_object_set_new(args, "uri", json_string(a));
+			continue;
+		}
+		if (!strcmp(cmd, "balloon") && !strchr(a, '=')) {
+			/* `balloon 256M`; a bare number is MiB, as in QEMU's HMP. */
+			char kv[64];
+			snprintf(kv, sizeof(kv), "value=%s%s", a, a[strspn(a, "0123456789")] ? "" : "M");
+			a = kv;
+			if ((ret = add_arg(args, a)) != 0)
+				goto out;
+			ret = EXIT_USAGE;
 			continue;
 		}
 		if ((ret = add_arg(args, a)) != 0)
