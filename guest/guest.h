@@ -57,8 +57,27 @@ size_t strlen(const char *s);
 int  strcmp(const char *a, const char *b);
 int  strncmp(const char *a, const char *b, size_t n);
 
-/* trap.c */
+/* trap.c. Pushed by start.S: GPRs (r15 lowest), vector, error code, then the CPU frame. */
+struct exc_frame {
+	uint64_t r15, r14, r13, r12, r11, r10, r9, r8;
+	uint64_t rbp, rdi, rsi, rdx, rcx, rbx, rax;
+	uint64_t vector, error;
+	uint64_t rip, cs, rflags, rsp, ss;
+};
 void idt_init(void);
+
+/* mce.c: machine checks. A workload arms a recovery point with mce_setjmp +
+ * mce_arm; after an SRAR on page P, mce_setjmp returns 1 with mce_resume = P + 4 KiB. */
+struct mce_jmp { uint64_t rbx, rbp, r12, r13, r14, r15, rsp, rip; };
+int  mce_setjmp(struct mce_jmp *jb) __attribute__((returns_twice));
+void mce_arm(struct mce_jmp *jb);
+extern uint64_t mce_resume;
+void mce_init(void);
+void mce_handler(struct exc_frame *f);
+bool mce_page_bad(uint64_t page);
+uint64_t mce_next_bad(uint64_t p, uint64_t end);
+void mce_set_hold(bool hold);
+int  mce_status_text(char *buf, size_t size);
 
 /* main.c: used by the exception handler to fail an in-flight device command. */
 void testdev_fail_inflight(const char *text, uint32_t status);

@@ -295,7 +295,8 @@ static bool walk_compatible(const char *text)
 		if (!*s)
 			return true;
 		if (!(strncmp(s, "status", 6) == 0 && (!s[6] || is_space(s[6]) || s[6] == ';')) &&
-		    !(strncmp(s, "echo", 4) == 0 && (!s[4] || is_space(s[4]) || s[4] == ';')))
+		    !(strncmp(s, "echo", 4) == 0 && (!s[4] || is_space(s[4]) || s[4] == ';')) &&
+		    !(strncmp(s, "mce", 3) == 0 && (!s[3] || is_space(s[3]) || s[3] == ';')))
 			return false;
 		while (*s && *s != ';')
 			s++;
@@ -328,6 +329,62 @@ static void sweep(uint64_t p, uint64_t end)
 		asm volatile("incb (%0)" : : "r"(p) : "memory", "cc");
 }
 
+/* A sweep that skips pages dropped after machine checks, and survives an
+ * SRAR on a page it touches: it continues after that page, so the sweep
+ * stays one ascending pass over the good pages. */
+static void sweep_checked(uint64_t base, uint64_t end)
+{
+	static struct mce_jmp jb;
+	volatile uint64_t p = base;
+
+	while (p < end) {
+		uint64_t seg_end = mce_next_bad(p, end);
+		if (seg_end > p) {
+			if (mce_setjmp(&jb) == 0) {
+				mce_arm(&jb);
+				sweep(p, seg_end);
+				mce_arm(NULL);
+				p = seg_end;
+			} else {
+				p = mce_resume > p && mce_resume <= end ? mce_resume : seg_end;
+				continue;
+			}
+		}
+		if (p < end && mce_page_bad(p))
+			p += PAGE_SIZE;
+	}
+}
+
+/* fn(page) for every page of [base, end) not dropped after a machine
+ * check; an SRAR inside fn drops that page too. Stops when fn returns
+ * false. Returns the pages skipped. */
+static uint64_t for_good_pages(uint64_t base, uint64_t end, bool (*fn)(uint64_t page, void *ctx),
+			       void *ctx)
+{
+	static struct mce_jmp jb;
+	volatile uint64_t p = base, skipped = 0;
+
+	while (p < end) {
+		if (mce_page_bad(p)) {
+			p += PAGE_SIZE;
+			skipped++;
+			continue;
+		}
+		if (mce_setjmp(&jb)) {
+			p = mce_resume > p ? mce_resume : p + PAGE_SIZE;
+			skipped++;
+			continue;
+		}
+		mce_arm(&jb);
+		bool more = fn(p, ctx);
+		mce_arm(NULL);
+		if (!more)
+			break;
+		p += PAGE_SIZE;
+	}
+	return skipped;
+}
+
 static void cmd_walk(const char *name, char *rest)
 {
 	struct arg a[] = { { "base", 4 * MiB }, { "size", 4 * MiB }, { "sweeps", 0 } };
@@ -345,7 +402,7 @@ static void cmd_walk(const char *name, char *rest)
 		mmio_write32(tdreg(TESTDEV_SWEEPS), 0);
 
 	for (;;) {
-		sweep(walk_base, balloon_clip(walk_base, walk_base + walk_size));
+		sweep_checked(walk_base, balloon_clip(walk_base, walk_base + walk_size));
 		walk_sweeps++;
 		balloon_poll();   /* `balloon auto=1`; the balloon's pages are never swept */
 		if (testdev) {
@@ -368,45 +425,73 @@ static void cmd_walk(const char *name, char *rest)
 	kprintf("walk: stopped sweeps=%u\n", walk_sweeps);
 }
 
+struct fill_ctx {
+	uint64_t gen, pages;
+	bool fail;
+};
+
+static bool fill_page(uint64_t p, void *ctx)
+{
+	struct fill_ctx *c = ctx;
+	volatile uint64_t *w = (volatile uint64_t *)(uintptr_t)p;
+	uint64_t v = fill_pattern(p >> 12, c->gen);
+
+	w[0] = v;               /* offset 0 */
+	w[1] = v;               /* offset 8 */
+	w[256] = v;             /* offset 2048 */
+	w[511] = v;             /* offset 4088 */
+	c->pages++;
+	return true;
+}
+
+static bool verify_page(uint64_t p, void *ctx)
+{
+	static const unsigned idx[4] = { 0, 1, 256, 511 };
+	struct fill_ctx *c = ctx;
+	volatile uint64_t *w = (volatile uint64_t *)(uintptr_t)p;
+	uint64_t want = fill_pattern(p >> 12, c->gen);
+
+	for (int i = 0; i < 4; i++) {
+		uint64_t got = w[idx[i]];
+		if (got != want) {
+			reply(STATUS_FAIL, "verify: FAIL page=0x%lx got=0x%lx want=0x%lx off=%u",
+			      p, got, want, idx[i] * 8);
+			c->fail = true;
+			return false;
+		}
+	}
+	c->pages++;
+	return true;
+}
+
 static void cmd_fill(const char *name, char *rest)
 {
 	struct arg a[] = { { "base", 4 * MiB }, { "size", 2 * MiB }, { "gen", 1 } };
 
 	if (!parse_args(name, rest, a, 3) || !check_range(name, a[0].val, a[1].val))
 		return;
-	uint64_t end = a[0].val + a[1].val, pages = 0;
-	for (uint64_t p = a[0].val; p < end; p += PAGE_SIZE, pages++) {
-		volatile uint64_t *w = (volatile uint64_t *)(uintptr_t)p;
-		uint64_t v = fill_pattern(p >> 12, a[2].val);
-		w[0] = v;               /* offset 0 */
-		w[1] = v;               /* offset 8 */
-		w[256] = v;             /* offset 2048 */
-		w[511] = v;             /* offset 4088 */
-	}
-	reply(STATUS_OK, "fill: done pages=%lu gen=%lu", pages, a[2].val);
+	struct fill_ctx c = { .gen = a[2].val };
+	uint64_t skipped = for_good_pages(a[0].val, a[0].val + a[1].val, fill_page, &c);
+	if (skipped)
+		reply(STATUS_OK, "fill: done pages=%lu gen=%lu poisoned=%lu", c.pages, a[2].val, skipped);
+	else
+		reply(STATUS_OK, "fill: done pages=%lu gen=%lu", c.pages, a[2].val);
 }
 
 static void cmd_verify(const char *name, char *rest)
 {
 	struct arg a[] = { { "base", 4 * MiB }, { "size", 2 * MiB }, { "gen", 1 } };
-	static const unsigned idx[4] = { 0, 1, 256, 511 };
 
 	if (!parse_args(name, rest, a, 3) || !check_range(name, a[0].val, a[1].val))
 		return;
-	uint64_t end = a[0].val + a[1].val, pages = 0;
-	for (uint64_t p = a[0].val; p < end; p += PAGE_SIZE, pages++) {
-		volatile uint64_t *w = (volatile uint64_t *)(uintptr_t)p;
-		uint64_t want = fill_pattern(p >> 12, a[2].val);
-		for (int i = 0; i < 4; i++) {
-			uint64_t got = w[idx[i]];
-			if (got != want) {
-				reply(STATUS_FAIL, "verify: FAIL page=0x%lx got=0x%lx want=0x%lx off=%u",
-				      p, got, want, idx[i] * 8);
-				return;
-			}
-		}
-	}
-	reply(STATUS_OK, "verify: ok pages=%lu", pages);
+	struct fill_ctx c = { .gen = a[2].val };
+	uint64_t skipped = for_good_pages(a[0].val, a[0].val + a[1].val, verify_page, &c);
+	if (c.fail)
+		return;
+	if (skipped)
+		reply(STATUS_OK, "verify: ok pages=%lu poisoned=%lu", c.pages, skipped);
+	else
+		reply(STATUS_OK, "verify: ok pages=%lu", c.pages);
 }
 
 static void cmd_idle(const char *name, char *rest)
@@ -493,10 +578,27 @@ static void cmd_fault(const char *name, char *rest)
 	asm volatile("ud2");
 }
 
+/* `mce`: machine-check state and the dropped pages. `mce hold=1`: the
+ * handler leaves MCG_STATUS.MCIP set (a handler that never finishes), so the
+ * next machine check finds one in progress. */
+static void cmd_mce(const char *name, char *rest)
+{
+	struct arg a[] = { { "hold", 2 } };
+	char text[384];
+
+	if (!parse_args(name, rest, a, 1))
+		return;
+	if (a[0].val != 2)
+		mce_set_hold(a[0].val != 0);
+	mce_status_text(text, sizeof(text));
+	reply(STATUS_OK, "%s", text);
+}
+
 static const struct {
 	const char *name;
 	void (*fn)(const char *name, char *rest);
 } commands[] = {
+	{ "mce", cmd_mce },
 	{ "walk", cmd_walk },
 	{ "fill", cmd_fill },
 	{ "verify", cmd_verify },
@@ -667,6 +769,7 @@ void guest_main(struct hvm_start_info *si)
 
 	uart_init();
 	idt_init();
+	mce_init();
 	read_boot_info(si);
 	virtio_take_cmdline(boot_cmdline);
 	if (!ncpus)

@@ -14,6 +14,7 @@
 void commands_register_memory(struct vm *vm) __attribute__((weak));
 void commands_register_migration(struct vm *vm);
 void commands_register_balloon(struct vm *vm);
+void commands_register_mce(struct vm *vm);
 
 static void usage(FILE *f)
 {
@@ -68,6 +69,7 @@ static int run_main(int argc, char **argv)
 		config_free(&cfg);
 		return 1;
 	}
+	commands_register_mce(vm);
 	if (commands_register_memory)
 		commands_register_memory(vm);
 	if (cfg.control_path && qmp_server_start(cfg.control_path, err, sizeof(err)) < 0) {

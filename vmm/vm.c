@@ -24,6 +24,7 @@
 #include "../devices/devices.h"
 #include "../devices/virtio_balloon.h"
 #include "../mm/mm.h"
+#include "mce.h"
 
 #define VCPU_KICK_SIGNAL SIGUSR1
 
@@ -34,6 +35,7 @@ struct vcpu {
 	pthread_t thread;
 	pid_t tid;
 	bool started;
+	struct mce_vcpu *mce;     /* machine checks (vmm/mce.c) */
 };
 
 struct vm {
@@ -56,6 +58,7 @@ struct vm {
 	bool pause_req, exiting;
 	int parked;               /* vCPU threads waiting in vcpu_park() */
 	int exit_code;
+	struct mce *mce;
 	_Atomic unsigned throttle_pct;  /* auto-converge: share of time vCPUs sleep */
 };
 
@@ -142,6 +145,7 @@ static int vcpu_setup_cpuid(struct vm *vm, struct vcpu *v, char *err, size_t err
 		struct kvm_cpuid_entry2 *e = &c->entries[i];
 		switch (e->function) {
 		case 1:
+			mce_cpuid_1(vm->mce, &e->edx);
 			e->ebx = (e->ebx & 0x0000ffff) | ((uint32_t)vm->ncpus << 16) | ((uint32_t)v->id << 24);
 			e->ecx |= 1u << 31;          /* hypervisor present */
 			break;
@@ -285,6 +289,8 @@ static bool vcpu_handle_exit(struct vcpu *v)
 	struct kvm_run *run = v->run;
 	char why[96];
 
+	if (mce_handle_exit(v->mce))
+		return true;
 	switch (run->exit_reason) {
 	case KVM_EXIT_IO:
 		vcpu_handle_io(v);
@@ -300,6 +306,7 @@ static bool vcpu_handle_exit(struct vcpu *v)
 		vm_request_exit(v->vm, 0, "guest halted");
 		return false;
 	case KVM_EXIT_SHUTDOWN:
+		mce_handle_shutdown(v->mce);
 		pr_info("vcpu %d: guest triple fault (shutdown)", v->id);
 		vm_guest_reset(v->vm);
 		return false;
@@ -387,13 +394,17 @@ static void *vcpu_thread(void *arg)
 	char name[16];
 
 	v->tid = (pid_t)syscall(SYS_gettid);
+	mce_vcpu_thread_start(v->mce);
 	snprintf(name, sizeof(name), "mdvm-vcpu%d", v->id);
 	pthread_setname_np(pthread_self(), name);
 	for (;;) {
 		if (!vcpu_park(v, false))
 			break;
 		vcpu_throttle(v);
+		mce_vcpu_pre_run(v->mce);
 		if (ioctl(v->fd, KVM_RUN, 0) < 0) {
+			if (mce_handle_run_error(v->mce, errno))
+				continue;
 			if (errno == EINTR || errno == EAGAIN) {
 				v->run->immediate_exit = 0;
 				continue;
@@ -477,6 +488,10 @@ static int vm_create_vcpus(struct vm *vm, char *err, size_t errlen)
 		}
 		if (vcpu_setup_cpuid(vm, v, err, errlen) < 0)
 			return -1;
+		err[0] = '\0';
+		v->mce = mce_vcpu_create(vm->mce, i, v->fd, v->run, err, errlen);
+		if (!v->mce && *err)
+			return -1;
 		if (dirty_kvm_vcpu_init(i, v->fd) < 0)
 			return VERR("mapping the dirty ring of vcpu %d failed: %s", i, strerror(errno));
 	}
@@ -528,6 +543,10 @@ struct vm *vm_create(const struct vm_config *cfg, char *err, size_t errlen)
 		goto fail;
 	vm->gm = mm_create(&mc, &kvm_mm_ops, vm, err, errlen);
 	if (!vm->gm)
+		goto fail;
+	/* Before any vCPU exists: the MSR filter must be in place first. */
+	vm->mce = mce_create(vm, vm->kvm_fd, vm->vm_fd, err, errlen);
+	if (!vm->mce)
 		goto fail;
 	dirty_kvm_attach(vm->gm);
 	if (vm_open_console(vm, err, errlen) < 0)
@@ -603,6 +622,7 @@ void vm_destroy(struct vm *vm)
 		}
 		free(vm->vcpus);
 	}
+	mce_destroy(vm->mce);
 	if (vm->gm)
 		mm_destroy(vm->gm);
 	if (vm->console_fd > STDERR_FILENO)
@@ -694,6 +714,7 @@ int vm_reset(struct vm *vm)
 	if (s != VM_STATE_RUNNING && s != VM_STATE_PAUSED)
 		return -1;
 	vm_park_all(vm);
+	mce_reset(vm->mce);
 	serial_reset(vm->serial);
 	testdev_reset(vm->testdev);
 	if (vm->balloon)
@@ -761,6 +782,16 @@ void vm_guest_reset(struct vm *vm)
 }
 
 struct guest_mem *vm_mem(struct vm *vm) { return vm->gm; }
+struct mce *vm_mce(struct vm *vm) { return vm->mce; }
+
+void vm_kick_vcpu(struct vm *vm, int index)
+{
+	struct vcpu *v = &vm->vcpus[index];
+
+	__atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+	if (v->started)
+		pthread_kill(v->thread, VCPU_KICK_SIGNAL);
+}
 const struct vm_config *vm_config(struct vm *vm) { return vm->cfg; }
 int vm_ncpus(struct vm *vm) { return vm->ncpus; }
 

@@ -56,6 +56,9 @@ struct virtio_balloon *vm_balloon(struct vm *vm);   /* NULL without one */
 void vm_request_exit(struct vm *vm, int code, const char *reason);  /* any thread */
 
 struct guest_mem *vm_mem(struct vm *vm);
+/* Machine checks (vmm/mce.h); make vCPU `index` leave KVM_RUN soon. Any thread. */
+struct mce *vm_mce(struct vm *vm);
+void vm_kick_vcpu(struct vm *vm, int index);
 const struct vm_config *vm_config(struct vm *vm);
 int  vm_ncpus(struct vm *vm);
 void vm_vcpu_info(struct vm *vm, int index, struct vcpu_info *out);
