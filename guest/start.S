@@ -117,7 +117,8 @@ start64:
 
 /* ---- Exception stubs: push a dummy error code where the CPU pushes none,
  * then the vector, and share one path that saves the GPRs and calls
- * exc_handler(struct exc_frame *). exc_handler does not return. */
+ * exc_handler(struct exc_frame *). It returns only for #MC, after which the
+ * (possibly rewritten) frame is restored and iretq resumes. */
 .macro EXC vec
 	.balign 16
 exc_stub_\vec:
@@ -154,11 +155,27 @@ exc_common:
 	pushq %r14
 	pushq %r15
 	movq %rsp, %rdi
+	movq %rsp, %rbx                 /* callee-saved: the frame, after the call */
 	andq $-16, %rsp                 /* ABI alignment for the C handler */
 	call exc_handler
-4:	cli
-	hlt
-	jmp 4b
+	movq %rbx, %rsp
+	popq %r15
+	popq %r14
+	popq %r13
+	popq %r12
+	popq %r11
+	popq %r10
+	popq %r9
+	popq %r8
+	popq %rbp
+	popq %rdi
+	popq %rsi
+	popq %rdx
+	popq %rcx
+	popq %rbx
+	popq %rax
+	addq $16, %rsp                  /* vector, error code */
+	iretq
 
 	.section .rodata
 	.balign 8

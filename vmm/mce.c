@@ -1,0 +1,903 @@
+/* Memory errors as machine checks: back ends, vCPU hooks, host SIGBUS
+ * handling (see mce.h and docs/memory-errors.md). */
+#include <errno.h>
+#include <inttypes.h>
+#include <linux/kvm.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "../mm/mm.h"
+#include "config.h"
+#include "loop.h"
+#include "mca.h"
+#include "mce.h"
+#include "qmp.h"
+#include "util.h"
+#include "vm.h"
+
+#ifndef BUS_MCEERR_AR
+#define BUS_MCEERR_AR 4
+#define BUS_MCEERR_AO 5
+#endif
+/* Linux 6.8 UAPI, newer than Debian 12's headers. */
+#ifndef KVM_EXIT_MEMORY_FAULT
+#define KVM_EXIT_MEMORY_FAULT 39
+#endif
+struct kvm_memory_fault_info { uint64_t flags, gpa, size; };
+
+#define MCE_QUEUE     64     /* SRAO errors waiting per vCPU */
+#define SIG_RING      64     /* SRAO errors from SIGBUS handlers */
+#define X86_CR4_MCE   (1ULL << 6)
+#define CPUID_1_EDX_MCE (1u << 7)
+#define CPUID_1_EDX_MCA (1u << 14)
+
+enum mce_backend { MCE_OFF = 0, MCE_NATIVE, MCE_EMULATED };
+static const char *const backend_names[] = { "off", "native", "emulated" };
+
+struct mce_vcpu {
+	struct mce *m;
+	int index, fd;
+	struct kvm_run *run;
+	_Atomic pid_t tid;
+	pthread_mutex_t lock;          /* mca and queue: vCPU thread vs control plane */
+	struct mca mca;                /* emulated back end's registers */
+	uint64_t queue[MCE_QUEUE];     /* SRAO page addresses waiting for MCIP to clear */
+	unsigned qhead, qlen;
+	_Atomic unsigned pending;      /* qlen, for a lock-free check before KVM_RUN */
+	_Atomic uint64_t sig_ar;       /* GPA + 1 from SIGBUS BUS_MCEERR_AR on this thread */
+	bool native_msrs;              /* KVM_GET_MSRS reads back the MCA registers */
+	bool just_injected;            /* native: #MC injected, no exit since */
+	bool just_injected_mcip;       /* ...while MCG_STATUS.MCIP was (known) set */
+};
+
+struct mce {
+	struct vm *vm;
+	struct guest_mem *gm;
+	enum mce_backend backend;
+	uint64_t mcg_cap;
+	int ncpus;
+	struct mce_vcpu **vcpus;
+	/* For the SIGBUS handler: read-only after creation. */
+	uintptr_t base;
+	struct mm_range ranges[8];
+	size_t nranges;
+	int sig_efd;
+	_Atomic uint64_t sig_ring[SIG_RING];   /* GPA + 1, or 1 << 63 | host address (outside RAM) */
+	_Atomic unsigned sig_head;
+	/* Counters for query-mce. */
+	_Atomic uint64_t n_ao, n_ar, n_ignored, n_shutdown, n_host;
+};
+
+static struct mce *g_mce;              /* the SIGBUS handler's view */
+static __thread struct mce_vcpu *tls_vcpu;
+
+const char *mce_backend_name(struct mce *m) { return backend_names[m->backend]; }
+
+/* ---- events (QEMU's MEMORY_FAILURE), emitted on the main loop */
+struct mf_event {
+	bool guest, ar, recursive;
+	const char *action;
+};
+
+static void mf_emit(void *opaque)
+{
+	struct mf_event *e = opaque;
+
+	qmp_emit_event("MEMORY_FAILURE",
+		       json_pack("{s:s, s:s, s:{s:b, s:b}}",
+				 "recipient", e->guest ? "guest" : "hypervisor",
+				 "action", e->action,
+				 "flags", "action-required", e->ar, "recursive", e->recursive));
+	free(e);
+}
+
+static void memory_failure_event(bool guest, const char *action, bool ar, bool recursive)
+{
+	struct mf_event *e = xmalloc(sizeof(*e));
+
+	*e = (struct mf_event){ .guest = guest, .ar = ar, .recursive = recursive, .action = action };
+	loop_call(mf_emit, e);
+}
+
+/* ---- guest pages */
+static bool gpa_is_ram(struct mce *m, uint64_t gpa)
+{
+	for (size_t i = 0; i < m->nranges; i++)
+		if (gpa >= m->ranges[i].gpa && gpa - m->ranges[i].gpa < m->ranges[i].size)
+			return true;
+	return false;
+}
+
+static bool page_poisoned(struct mce *m, uint64_t gpa)
+{
+	return memdesc_type(memdesc_lookup(m->gm, gpa >> MM_PAGE_SHIFT)) == MEMDESC_POISONED;
+}
+
+/* Make the page POISONED through its memdesc owner; 0 or -errno
+ * (-EALREADY: poisoned before, -EFAULT: not RAM). */
+static int poison_page(struct mce *m, uint64_t gfn)
+{
+	enum memdesc_type t = memdesc_type(memdesc_lookup(m->gm, gfn));
+	int rc;
+
+	if (t == MEMDESC_POISONED)
+		return -EALREADY;
+	if (t == MEMDESC_MMIO || !gpa_is_ram(m, gfn << MM_PAGE_SHIFT))
+		return -EFAULT;
+	/* A never-touched page has no host memory to fail: back it first, so
+	 * the guest still finds the error there. */
+	if (t == MEMDESC_UNBACKED || t == MEMDESC_BALLOONED) {
+		rc = mm_populate(m->gm, gfn, 1, 0);
+		if (rc < 0)
+			return rc;
+	}
+	rc = memdesc_memory_failure(m->gm, gfn);
+	if (memdesc_type(memdesc_lookup(m->gm, gfn)) == MEMDESC_POISONED) {
+		if (rc == -EIO)
+			pr_warn("memory error at GPA 0x%" PRIx64 " hit a reserved (firmware) page",
+				gfn << MM_PAGE_SHIFT);
+		return 0;
+	}
+	return rc < 0 ? rc : -EIO;
+}
+
+/* ---- delivery on the vCPU thread */
+static bool vcpu_cr4_mce(struct mce_vcpu *mv)
+{
+	struct kvm_sregs sr;
+
+	return ioctl(mv->fd, KVM_GET_SREGS, &sr) == 0 && (sr.cr4 & X86_CR4_MCE);
+}
+
+/* MCG_STATUS.MCIP as the guest last left it; native back ends whose KVM does
+ * not read MSRs back to user space report false (KVM checks it itself). */
+static bool vcpu_mcip(struct mce_vcpu *mv)
+{
+	if (mv->m->backend == MCE_EMULATED) {
+		bool mcip;
+		pthread_mutex_lock(&mv->lock);
+		mcip = mv->mca.mcg_status & MCG_STATUS_MCIP;
+		pthread_mutex_unlock(&mv->lock);
+		return mcip;
+	}
+	if (!mv->native_msrs)
+		return false;
+	struct { struct kvm_msrs h; struct kvm_msr_entry e[1]; } msrs = {
+		.h.nmsrs = 1, .e = { { .index = MSR_MCG_STATUS } } };
+	return ioctl(mv->fd, KVM_GET_MSRS, &msrs) == 1 && (msrs.e[0].data & MCG_STATUS_MCIP);
+}
+
+static void machine_check_shutdown(struct mce_vcpu *mv, uint64_t gpa, bool ar, bool recursive)
+{
+	struct mce *m = mv->m;
+
+	atomic_fetch_add(&m->n_shutdown, 1);
+	memory_failure_event(true, "reset", ar, recursive);
+	pr_err("vcpu %d: machine check for GPA 0x%" PRIx64 " %s: the guest CPU shuts down",
+	       mv->index, gpa, recursive ? "while MCG_STATUS.MCIP was set (a machine check "
+	       "during a machine check)" : "with CR4.MCE clear");
+	vm_request_exit(m->vm, 0, "guest reset; exiting (machine-check shutdown)");
+}
+
+/* Raise a memory error for the page at gpa on this vCPU (vCPU thread). */
+static void deliver(struct mce_vcpu *mv, uint64_t gpa, enum mce_kind kind)
+{
+	struct mce *m = mv->m;
+	bool ar = kind == MCE_AR;
+	uint64_t status = ar ? mca_status_srar() : mca_status_srao();
+	uint64_t mcg = ar ? mca_mcg_status_srar() : mca_mcg_status_srao();
+	uint64_t addr = gpa & ~(MM_PAGE_SIZE - 1);
+
+	if (m->backend == MCE_NATIVE) {
+		struct kvm_x86_mce mce = { .status = status, .addr = addr, .misc = MCI_MISC_PHYS_4K,
+					   .mcg_status = mcg, .bank = MCA_MEM_BANK };
+		bool mcip = vcpu_mcip(mv);
+		if (mcip || !vcpu_cr4_mce(mv)) {
+			machine_check_shutdown(mv, addr, ar, mcip);
+			return;
+		}
+		if (ioctl(mv->fd, KVM_X86_SET_MCE, &mce) < 0) {
+			pr_err("vcpu %d: KVM_X86_SET_MCE failed: %s", mv->index, strerror(errno));
+			return;
+		}
+		mv->just_injected = true;
+		mv->just_injected_mcip = mcip;
+	} else {
+		bool cr4 = vcpu_cr4_mce(mv);
+		enum mca_inject_result r;
+
+		pthread_mutex_lock(&mv->lock);
+		bool mcip = mv->mca.mcg_status & MCG_STATUS_MCIP;
+		r = mca_inject(&mv->mca, MCA_MEM_BANK, status, addr, MCI_MISC_PHYS_4K, mcg, cr4);
+		pthread_mutex_unlock(&mv->lock);
+		if (r == MCA_INJECT_SHUTDOWN) {
+			machine_check_shutdown(mv, addr, ar, mcip);
+			return;
+		}
+		if (r == MCA_INJECT_IGNORED) {
+			atomic_fetch_add(&m->n_ignored, 1);
+			memory_failure_event(true, "ignore", ar, false);
+			pr_info("vcpu %d: memory error at GPA 0x%" PRIx64 " not signalled: the guest "
+				"disabled machine-check reporting (MCG_CTL/MC%d_CTL)", mv->index, addr,
+				MCA_MEM_BANK);
+			return;
+		}
+		struct kvm_vcpu_events ev;
+		if (ioctl(mv->fd, KVM_GET_VCPU_EVENTS, &ev) < 0) {
+			pr_err("vcpu %d: KVM_GET_VCPU_EVENTS failed: %s", mv->index, strerror(errno));
+			return;
+		}
+		/* `injected` (not `pending`): delivered on the next entry without
+		 * KVM_CAP_EXCEPTION_PAYLOAD; #MC has no error code. */
+		ev.flags = 0;
+		ev.exception.injected = 1;
+		ev.exception.pending = 0;
+		ev.exception.nr = 18;
+		ev.exception.has_error_code = 0;
+		ev.exception.error_code = 0;
+		if (ioctl(mv->fd, KVM_SET_VCPU_EVENTS, &ev) < 0) {
+			pr_err("vcpu %d: KVM_SET_VCPU_EVENTS (#MC) failed: %s", mv->index, strerror(errno));
+			return;
+		}
+	}
+	atomic_fetch_add(ar ? &m->n_ar : &m->n_ao, 1);
+	memory_failure_event(true, "inject", ar, false);
+	pr_info("vcpu %d: machine check injected: %s memory error at GPA 0x%" PRIx64,
+		mv->index, ar ? "action-required (SRAR)" : "action-optional (SRAO)", addr);
+}
+
+void mce_vcpu_pre_run(struct mce_vcpu *mv)
+{
+	uint64_t s;
+
+	if (!mv)
+		return;
+	s = atomic_exchange(&mv->sig_ar, 0);
+	if (s) {
+		/* The host kernel found the page bad under this vCPU's access. */
+		int rc = poison_page(mv->m, (s - 1) >> MM_PAGE_SHIFT);
+		if (rc < 0 && rc != -EALREADY)
+			pr_warn("vcpu %d: host memory error at GPA 0x%" PRIx64 ": cannot isolate the page: %s",
+				mv->index, s - 1, strerror(-rc));
+		atomic_fetch_add(&mv->m->n_host, 1);
+		deliver(mv, s - 1, MCE_AR);
+		return;            /* one #MC per entry */
+	}
+	if (!atomic_load(&mv->pending) || vcpu_mcip(mv))
+		return;            /* SRAO waits until the guest has handled the last one */
+	uint64_t gpa;
+	pthread_mutex_lock(&mv->lock);
+	if (!mv->qlen) {
+		pthread_mutex_unlock(&mv->lock);
+		return;
+	}
+	gpa = mv->queue[mv->qhead];
+	mv->qhead = (mv->qhead + 1) % MCE_QUEUE;
+	mv->qlen--;
+	atomic_store(&mv->pending, mv->qlen);
+	pthread_mutex_unlock(&mv->lock);
+	deliver(mv, gpa, MCE_AO);
+}
+
+/* An SRAR error reaching the queue makes the SRAO for that page redundant. */
+static void queue_drop(struct mce_vcpu *mv, uint64_t page)
+{
+	pthread_mutex_lock(&mv->lock);
+	for (unsigned i = 0; i < mv->qlen; i++) {
+		unsigned k = (mv->qhead + i) % MCE_QUEUE;
+		if (mv->queue[k] == page)
+			mv->queue[k] = UINT64_MAX;   /* tombstone, skipped below */
+	}
+	while (mv->qlen && mv->queue[mv->qhead] == UINT64_MAX) {
+		mv->qhead = (mv->qhead + 1) % MCE_QUEUE;
+		mv->qlen--;
+	}
+	atomic_store(&mv->pending, mv->qlen);
+	pthread_mutex_unlock(&mv->lock);
+}
+
+/* A vCPU touched a poisoned page and KVM's instruction emulator turned the
+ * access into an MMIO exit (this host's KVM does so: it cannot read the
+ * page). The instruction must not complete: finish KVM's pending emulation
+ * with the poisoned data discarded, put the registers back as they were
+ * before the instruction (MCG_STATUS.EIPV: RIP is the faulting one), then
+ * raise SRAR. */
+static void srar_from_mmio(struct mce_vcpu *mv, uint64_t gpa)
+{
+	struct kvm_run *run = mv->run;
+	struct kvm_regs saved;
+	bool have_regs = ioctl(mv->fd, KVM_GET_REGS, &saved) == 0;
+
+	for (int i = 0; i < 8; i++) {
+		if (run->exit_reason == KVM_EXIT_MMIO && !run->mmio.is_write)
+			memset(run->mmio.data, 0xff, sizeof(run->mmio.data));
+		run->immediate_exit = 1;
+		int rc = ioctl(mv->fd, KVM_RUN, 0);
+		run->immediate_exit = 0;
+		if (rc < 0)
+			break;          /* EINTR: emulation complete, nothing entered */
+		/* rc == 0: a further access of the same instruction (the write half
+		 * of a read-modify-write): dropped as well. */
+	}
+	if (have_regs)
+		ioctl(mv->fd, KVM_SET_REGS, &saved);
+	queue_drop(mv, gpa & ~(MM_PAGE_SIZE - 1));
+	deliver(mv, gpa, MCE_AR);
+}
+
+bool mce_handle_exit(struct mce_vcpu *mv)
+{
+	struct kvm_run *run;
+
+	if (!mv)
+		return false;
+	run = mv->run;
+	if (run->exit_reason != KVM_EXIT_SHUTDOWN)
+		mv->just_injected = false;
+	switch (run->exit_reason) {
+	case KVM_EXIT_X86_RDMSR: {
+		uint64_t val = 0;
+		int rc = -1;
+		if (mv->m->backend == MCE_EMULATED) {
+			pthread_mutex_lock(&mv->lock);
+			rc = mca_rdmsr(&mv->mca, run->msr.index, &val);
+			pthread_mutex_unlock(&mv->lock);
+		}
+		run->msr.data = val;
+		run->msr.error = rc < 0;
+		return true;
+	}
+	case KVM_EXIT_X86_WRMSR: {
+		int rc = -1;
+		if (mv->m->backend == MCE_EMULATED) {
+			pthread_mutex_lock(&mv->lock);
+			rc = mca_wrmsr(&mv->mca, run->msr.index, run->msr.data);
+			pthread_mutex_unlock(&mv->lock);
+		}
+		run->msr.error = rc < 0;
+		return true;
+	}
+	case KVM_EXIT_MMIO:
+		if (!page_poisoned(mv->m, run->mmio.phys_addr))
+			return false;
+		srar_from_mmio(mv, run->mmio.phys_addr);
+		return true;
+	}
+	return false;
+}
+
+bool mce_handle_run_error(struct mce_vcpu *mv, int e)
+{
+	struct kvm_memory_fault_info *mf;
+
+	if (!mv || e != EFAULT || mv->run->exit_reason != KVM_EXIT_MEMORY_FAULT)
+		return false;
+	/* Hardware-virtualising KVM: the guest's access to the inaccessible
+	 * page stopped before the instruction ran. */
+	mf = (struct kvm_memory_fault_info *)(void *)&mv->run->mmio;
+	if (!page_poisoned(mv->m, mf->gpa))
+		return false;
+	queue_drop(mv, mf->gpa & ~(MM_PAGE_SIZE - 1));
+	deliver(mv, mf->gpa, MCE_AR);
+	return true;
+}
+
+bool mce_handle_shutdown(struct mce_vcpu *mv)
+{
+	if (!mv || !mv->just_injected)
+		return false;
+	/* KVM shuts the vCPU down itself for an #MC during an #MC. */
+	mv->just_injected = false;
+	atomic_fetch_add(&mv->m->n_shutdown, 1);
+	memory_failure_event(true, "reset", false, true);
+	pr_err("vcpu %d: machine check while MCG_STATUS.MCIP was set (a machine check during a "
+	       "machine check): the guest CPU shuts down", mv->index);
+	return true;
+}
+
+/* ---- host memory errors: SIGBUS with BUS_MCEERR_AR/AO */
+static void sig_write(const char *s) { ssize_t r = write(STDERR_FILENO, s, strlen(s)); (void)r; }
+
+static char *sig_hex(char *p, uint64_t v)
+{
+	char tmp[17];
+	int n = 0;
+
+	*p++ = '0';
+	*p++ = 'x';
+	do {
+		tmp[n++] = "0123456789abcdef"[v & 0xf];
+		v >>= 4;
+	} while (v);
+	while (n)
+		*p++ = tmp[--n];
+	*p = '\0';
+	return p;
+}
+
+static void sigbus_fatal(const char *what, uint64_t addr, const char *tail)
+{
+	char buf[256], *p = buf;
+
+	p = stpcpy(p, "mdvm: fatal: ");
+	p = stpcpy(p, what);
+	p = sig_hex(p, addr);
+	p = stpcpy(p, tail);
+	stpcpy(p, "\n");
+	sig_write(buf);
+	_exit(1);
+}
+
+static void sigbus_handler(int sig, siginfo_t *si, void *uc)
+{
+	struct mce *m = g_mce;
+	uintptr_t hva = (uintptr_t)si->si_addr;
+	int code = si->si_code;
+	uint64_t gpa = UINT64_MAX;
+
+	(void)sig; (void)uc;
+	if (code != BUS_MCEERR_AR && code != BUS_MCEERR_AO)
+		sigbus_fatal("SIGBUS (not a memory error) at host address ", hva, "");
+	if (m && hva >= m->base)
+		for (size_t i = 0; i < m->nranges; i++)
+			if (hva - m->base >= m->ranges[i].gpa &&
+			    hva - m->base - m->ranges[i].gpa < m->ranges[i].size)
+				gpa = hva - m->base;
+	if (code == BUS_MCEERR_AR) {
+		if (gpa == UINT64_MAX)
+			sigbus_fatal("hardware memory error (SIGBUS BUS_MCEERR_AR) at host address ", hva,
+				     ", outside guest RAM: memory used by mdvm itself");
+		if (!tls_vcpu)
+			sigbus_fatal("hardware memory error (SIGBUS BUS_MCEERR_AR) in mdvm's own access "
+				     "to guest RAM at GPA ", gpa, "");
+		/* Raised on the vCPU before its next entry (mce_vcpu_pre_run). */
+		atomic_store(&tls_vcpu->sig_ar, gpa + 1);
+		return;
+	}
+	/* Action optional: the main loop isolates the page and tells the guest. */
+	if (!m)
+		return;
+	unsigned slot = atomic_fetch_add(&m->sig_head, 1) % SIG_RING;
+	atomic_store(&m->sig_ring[slot], gpa == UINT64_MAX ? (1ULL << 63) | hva : gpa + 1);
+	uint64_t one = 1;
+	ssize_t r = write(m->sig_efd, &one, sizeof(one));
+	(void)r;
+}
+
+static void queue_ao(struct mce *m, int cpu, uint64_t page);
+
+static void sig_ring_drain(void *opaque, uint32_t events)
+{
+	struct mce *m = opaque;
+	uint64_t cnt;
+
+	(void)events;
+	if (read(m->sig_efd, &cnt, sizeof(cnt)) < 0)
+		return;
+	for (unsigned i = 0; i < SIG_RING; i++) {
+		uint64_t v = atomic_exchange(&m->sig_ring[i], 0);
+		if (!v)
+			continue;
+		atomic_fetch_add(&m->n_host, 1);
+		if (v >> 63) {
+			memory_failure_event(false, "ignore", false, false);
+			pr_warn("host memory error (action optional) at host address 0x%" PRIx64
+				", outside guest RAM: ignored", (uint64_t)(v & ~(1ULL << 63)));
+			continue;
+		}
+		uint64_t gpa = v - 1;
+		int rc = poison_page(m, gpa >> MM_PAGE_SHIFT);
+		if (rc == -EALREADY)
+			continue;       /* the guest was told already */
+		if (rc < 0)
+			pr_warn("host memory error at GPA 0x%" PRIx64 ": cannot isolate the page: %s",
+				gpa, strerror(-rc));
+		pr_info("host memory error (action optional) at GPA 0x%" PRIx64, gpa);
+		queue_ao(m, 0, gpa & ~(MM_PAGE_SIZE - 1));
+	}
+}
+
+/* ---- creation */
+static int setup_emulated(struct mce *m, int vm_fd, char *err, size_t errlen)
+{
+	static uint8_t deny[(4 * MCA_BANKS_MAX + 7) / 8];   /* all bits 0: deny = exit to us */
+	struct kvm_enable_cap cap = { .cap = KVM_CAP_X86_USER_SPACE_MSR,
+				      .args = { KVM_MSR_EXIT_REASON_FILTER } };
+	struct kvm_msr_filter f = { .flags = KVM_MSR_FILTER_DEFAULT_ALLOW };
+
+	if (ioctl(vm_fd, KVM_ENABLE_CAP, &cap) < 0) {
+		snprintf(err, errlen, "KVM_CAP_X86_USER_SPACE_MSR: %s", strerror(errno));
+		return -1;
+	}
+	/* Only the MCA registers leave the kernel; every other MSR stays KVM's. */
+	f.ranges[0] = (struct kvm_msr_filter_range){ .flags = KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE,
+		.nmsrs = 3, .base = MSR_MCG_CAP, .bitmap = deny };
+	f.ranges[1] = (struct kvm_msr_filter_range){ .flags = KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE,
+		.nmsrs = 4 * (m->mcg_cap & 0xff), .base = MSR_MC0_CTL, .bitmap = deny };
+	if (ioctl(vm_fd, KVM_X86_SET_MSR_FILTER, &f) < 0) {
+		snprintf(err, errlen, "KVM_X86_SET_MSR_FILTER: %s", strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+static bool native_available(int kvm_fd)
+{
+	uint64_t sup = 0;
+	int banks = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_MCE);
+
+	return banks >= MCA_BANKS && ioctl(kvm_fd, KVM_X86_GET_MCE_CAP_SUPPORTED, &sup) == 0 &&
+	       (sup & (MCG_CTL_P | MCG_SER_P)) == (MCG_CTL_P | MCG_SER_P);
+}
+
+static bool emulated_available(int kvm_fd, int vm_fd)
+{
+	int r = ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_X86_USER_SPACE_MSR);
+
+	/* Which exit reasons are valid is only known when enabling (setup_emulated). */
+	return r > 0 && ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_X86_MSR_FILTER) > 0;
+}
+
+static void schedule_config(struct mce *m);
+
+struct mce *mce_create(struct vm *vm, int kvm_fd, int vm_fd, char *err, size_t errlen)
+{
+	struct mce *m = xcalloc(1, sizeof(*m));
+	const char *want = getenv("MDVM_MCE");
+	bool native = native_available(kvm_fd), emul = emulated_available(kvm_fd, vm_fd);
+	struct sigaction sa = { .sa_sigaction = sigbus_handler, .sa_flags = SA_SIGINFO };
+
+	m->vm = vm;
+	m->gm = vm_mem(vm);
+	m->ncpus = vm_ncpus(vm);
+	m->vcpus = xcalloc(m->ncpus, sizeof(*m->vcpus));
+	m->mcg_cap = MCG_CTL_P | MCG_SER_P | MCA_BANKS;   /* no CMCI, no LMCE */
+	m->sig_efd = -1;
+	if (!want || !*want || !strcmp(want, "auto"))
+		m->backend = native ? MCE_NATIVE : emul ? MCE_EMULATED : MCE_OFF;
+	else if (!strcmp(want, "native") && native)
+		m->backend = MCE_NATIVE;
+	else if (!strcmp(want, "emulated") && emul)
+		m->backend = MCE_EMULATED;
+	else if (!strcmp(want, "off"))
+		m->backend = MCE_OFF;
+	else {
+		snprintf(err, errlen, "MDVM_MCE=%s: %s", want,
+			 !strcmp(want, "native") || !strcmp(want, "emulated")
+			 ? "this KVM does not support that machine-check back end"
+			 : "expected auto, native, emulated or off");
+		goto fail;
+	}
+	if (m->backend == MCE_EMULATED && setup_emulated(m, vm_fd, err, errlen) < 0)
+		goto fail;
+	m->base = (uintptr_t)mm_guest_base(m->gm);
+	m->nranges = mm_ram_ranges(m->gm, m->ranges, ARRAY_SIZE(m->ranges));
+	if (m->nranges > ARRAY_SIZE(m->ranges))
+		m->nranges = ARRAY_SIZE(m->ranges);
+	m->sig_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (m->sig_efd < 0 || loop_add_fd(m->sig_efd, EPOLLIN, sig_ring_drain, m) < 0) {
+		snprintf(err, errlen, "machine checks: eventfd: %s", strerror(errno));
+		goto fail;
+	}
+	g_mce = m;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGBUS, &sa, NULL);
+	if (m->backend == MCE_OFF)
+		pr_warn("machine checks: off (KVM has neither MCE banks nor user-space MSR "
+			"filtering): memory errors are not reported to the guest");
+	else
+		pr_info("machine checks: %s back end (%u banks, MCG_CAP 0x%" PRIx64 ")",
+			backend_names[m->backend], MCA_BANKS, m->mcg_cap);
+	schedule_config(m);
+	return m;
+fail:
+	mce_destroy(m);
+	return NULL;
+}
+
+void mce_destroy(struct mce *m)
+{
+	if (!m)
+		return;
+	if (g_mce == m) {
+		signal(SIGBUS, SIG_DFL);
+		g_mce = NULL;
+	}
+	if (m->sig_efd >= 0) {
+		loop_del_fd(m->sig_efd);
+		close(m->sig_efd);
+	}
+	for (int i = 0; i < m->ncpus; i++) {
+		if (m->vcpus[i])
+			pthread_mutex_destroy(&m->vcpus[i]->lock);
+		free(m->vcpus[i]);
+	}
+	free(m->vcpus);
+	free(m);
+}
+
+void mce_cpuid_1(struct mce *m, uint32_t *edx)
+{
+	if (m && m->backend != MCE_OFF)
+		*edx |= CPUID_1_EDX_MCE | CPUID_1_EDX_MCA;
+}
+
+struct mce_vcpu *mce_vcpu_create(struct mce *m, int index, int fd, struct kvm_run *run,
+				 char *err, size_t errlen)
+{
+	struct mce_vcpu *mv;
+
+	if (!m || m->backend == MCE_OFF || index >= m->ncpus)
+		return NULL;
+	mv = xcalloc(1, sizeof(*mv));
+	mv->m = m;
+	mv->index = index;
+	mv->fd = fd;
+	mv->run = run;
+	pthread_mutex_init(&mv->lock, NULL);
+	mca_init(&mv->mca, m->mcg_cap);
+	if (m->backend == MCE_NATIVE) {
+		uint64_t cap = m->mcg_cap;
+		if (ioctl(fd, KVM_X86_SETUP_MCE, &cap) < 0) {
+			snprintf(err, errlen, "KVM_X86_SETUP_MCE on vcpu %d: %s", index, strerror(errno));
+			pthread_mutex_destroy(&mv->lock);
+			free(mv);
+			return NULL;
+		}
+		/* Some KVMs (this project's PVM hosts) do not read MCA registers
+		 * back through KVM_GET_MSRS: then MCIP is KVM's business alone. */
+		struct { struct kvm_msrs h; struct kvm_msr_entry e[1]; } msrs = {
+			.h.nmsrs = 1, .e = { { .index = MSR_MCG_CAP } } };
+		mv->native_msrs = ioctl(fd, KVM_GET_MSRS, &msrs) == 1 && msrs.e[0].data == cap;
+	}
+	m->vcpus[index] = mv;
+	return mv;
+}
+
+void mce_vcpu_thread_start(struct mce_vcpu *mv)
+{
+	if (!mv)
+		return;
+	tls_vcpu = mv;
+	atomic_store(&mv->tid, (pid_t)syscall(SYS_gettid));
+}
+
+/* ---- control plane */
+static void queue_ao(struct mce *m, int cpu, uint64_t page)
+{
+	struct mce_vcpu *mv = m->vcpus[cpu];
+
+	if (!mv)
+		return;
+	pthread_mutex_lock(&mv->lock);
+	if (mv->qlen == MCE_QUEUE) {
+		pthread_mutex_unlock(&mv->lock);
+		pr_warn("vcpu %d: %d machine checks already queued; memory error at GPA 0x%" PRIx64
+			" not signalled (the page stays poisoned)", cpu, MCE_QUEUE, page);
+		return;
+	}
+	mv->queue[(mv->qhead + mv->qlen) % MCE_QUEUE] = page;
+	mv->qlen++;
+	atomic_store(&mv->pending, mv->qlen);
+	pthread_mutex_unlock(&mv->lock);
+	vm_kick_vcpu(m->vm, cpu);
+}
+
+int mce_inject_memory_error(struct mce *m, uint64_t gpa, uint64_t count, enum mce_kind kind,
+			    int cpu, char *err, size_t errlen)
+{
+	enum vm_state st = vm_get_state(m->vm);
+
+	if (gpa & (MM_PAGE_SIZE - 1)) {
+		snprintf(err, errlen, "gpa 0x%" PRIx64 " is not 4 KiB aligned", gpa);
+		return -1;
+	}
+	if (count < 1 || count > MCE_COUNT_MAX) {
+		snprintf(err, errlen, "count must be 1..%d", MCE_COUNT_MAX);
+		return -1;
+	}
+	if (cpu < 0 || cpu >= m->ncpus) {
+		snprintf(err, errlen, "cpu-index %d: the VM has vCPUs 0..%d", cpu, m->ncpus - 1);
+		return -1;
+	}
+	if (st == VM_STATE_SHUTDOWN || st == VM_STATE_INTERNAL_ERROR) {
+		snprintf(err, errlen, "the VM is not running (status: %s)", vm_state_name(st));
+		return -1;
+	}
+	/* Check every page first: a bad request changes nothing. */
+	for (uint64_t i = 0; i < count; i++) {
+		uint64_t g = gpa + i * MM_PAGE_SIZE;
+		if (!gpa_is_ram(m, g)) {
+			snprintf(err, errlen, "GPA 0x%" PRIx64 " is not guest RAM", g);
+			return -1;
+		}
+		if (page_poisoned(m, g)) {
+			snprintf(err, errlen, "GPA 0x%" PRIx64 " is already poisoned", g);
+			return -1;
+		}
+	}
+	for (uint64_t i = 0; i < count; i++) {
+		uint64_t g = gpa + i * MM_PAGE_SIZE;
+		int rc = poison_page(m, g >> MM_PAGE_SHIFT);
+		if (rc < 0) {
+			snprintf(err, errlen, "cannot poison GPA 0x%" PRIx64 ": %s%s", g, strerror(-rc),
+				 i ? " (the pages before it are poisoned)" : "");
+			return -1;
+		}
+		pr_info("memory error injected at GPA 0x%" PRIx64 " (%s): page poisoned", g,
+			kind == MCE_AR ? "action-required: raised when a vCPU touches it"
+				       : "action-optional");
+		if (kind == MCE_AO && m->backend != MCE_OFF)
+			queue_ao(m, cpu, g);
+	}
+	return 0;
+}
+
+int mce_raise_sigbus(struct mce *m, enum mce_kind kind, uint64_t hva, int cpu,
+		     char *err, size_t errlen)
+{
+	siginfo_t si;
+	pid_t tid = getpid();
+
+	if (cpu >= 0) {
+		if (cpu >= m->ncpus || !m->vcpus[cpu] || !atomic_load(&m->vcpus[cpu]->tid)) {
+			snprintf(err, errlen, "vCPU %d has no running thread", cpu);
+			return -1;
+		}
+		tid = atomic_load(&m->vcpus[cpu]->tid);
+	}
+	memset(&si, 0, sizeof(si));
+	si.si_signo = SIGBUS;
+	si.si_code = kind == MCE_AR ? BUS_MCEERR_AR : BUS_MCEERR_AO;
+	si.si_addr = (void *)(uintptr_t)hva;
+	si.si_addr_lsb = MM_PAGE_SHIFT;
+	/* Only a process may send itself a kernel-style si_code. */
+	if (syscall(SYS_rt_tgsigqueueinfo, getpid(), tid, SIGBUS, &si) < 0) {
+		snprintf(err, errlen, "rt_tgsigqueueinfo: %s", strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+void mce_reset(struct mce *m)
+{
+	struct mm_stats st;
+	uint64_t replaced = 0;
+
+	if (!m)
+		return;
+	for (int i = 0; i < m->ncpus; i++) {
+		struct mce_vcpu *mv = m->vcpus[i];
+		if (!mv)
+			continue;
+		pthread_mutex_lock(&mv->lock);
+		mca_reset(&mv->mca);
+		mv->qlen = mv->qhead = 0;
+		atomic_store(&mv->pending, 0);
+		atomic_store(&mv->sig_ar, 0);
+		pthread_mutex_unlock(&mv->lock);
+		if (m->backend == MCE_NATIVE) {
+			uint64_t cap = m->mcg_cap;
+			struct { struct kvm_msrs h; struct kvm_msr_entry e[1 + 3 * MCA_BANKS]; } msrs = { 0 };
+			ioctl(mv->fd, KVM_X86_SETUP_MCE, &cap);
+			msrs.e[msrs.h.nmsrs++].index = MSR_MCG_STATUS;
+			for (unsigned b = 0; b < MCA_BANKS; b++)
+				for (unsigned r = 1; r < 4; r++)
+					msrs.e[msrs.h.nmsrs++].index = MSR_MC0_CTL + 4 * b + r;
+			ioctl(mv->fd, KVM_SET_MSRS, &msrs);
+		}
+	}
+	/* As QEMU: a reset replaces the poisoned pages with fresh memory. */
+	mm_query_stats(m->gm, &st);
+	if (!st.pages[MEMDESC_POISONED])
+		return;
+	for (size_t r = 0; r < m->nranges; r++) {
+		uint64_t g0 = m->ranges[r].gpa >> MM_PAGE_SHIFT;
+		uint64_t n = m->ranges[r].size >> MM_PAGE_SHIFT;
+		for (uint64_t gfn = g0; gfn < g0 + n; gfn++) {
+			if (memdesc_type(memdesc_lookup(m->gm, gfn)) != MEMDESC_POISONED)
+				continue;
+			int rc = mm_release_range(m->gm, gfn, 1, MEMDESC_UNBACKED);
+			if (rc < 0)
+				pr_warn("system reset: cannot replace poisoned page at GPA 0x%" PRIx64 ": %s",
+					gfn << MM_PAGE_SHIFT, strerror(-rc));
+			else
+				replaced++;
+		}
+	}
+	if (replaced)
+		pr_info("system reset: %" PRIu64 " poisoned page%s replaced with fresh memory",
+			replaced, replaced == 1 ? "" : "s");
+}
+
+json_t *mce_query(struct mce *m)
+{
+	json_t *pages = json_array(), *vcpus = json_array();
+	struct mm_stats st;
+	uint64_t listed = 0;
+
+	mm_query_stats(m->gm, &st);
+	for (size_t r = 0; r < m->nranges && st.pages[MEMDESC_POISONED]; r++) {
+		uint64_t g0 = m->ranges[r].gpa >> MM_PAGE_SHIFT;
+		uint64_t n = m->ranges[r].size >> MM_PAGE_SHIFT;
+		for (uint64_t gfn = g0; gfn < g0 + n && listed < 1024; gfn++)
+			if (memdesc_type(memdesc_lookup(m->gm, gfn)) == MEMDESC_POISONED) {
+				json_array_append_new(pages, json_integer((json_int_t)(gfn << MM_PAGE_SHIFT)));
+				listed++;
+			}
+	}
+	for (int i = 0; i < m->ncpus; i++) {
+		struct mce_vcpu *mv = m->vcpus[i];
+		json_t *banks = json_array();
+		uint64_t mcg_status;
+		unsigned queued;
+
+		if (!mv)
+			continue;
+		pthread_mutex_lock(&mv->lock);
+		mcg_status = mv->mca.mcg_status;
+		queued = mv->qlen;
+		for (unsigned b = 0; b < MCA_BANKS && m->backend == MCE_EMULATED; b++) {
+			struct mca_bank *bk = &mv->mca.bank[b];
+			if (bk->status & MCI_STATUS_VAL)
+				json_array_append_new(banks, json_pack("{s:i, s:I, s:I, s:I}", "bank", b,
+					"status", (json_int_t)bk->status, "addr", (json_int_t)bk->addr,
+					"misc", (json_int_t)bk->misc));
+		}
+		pthread_mutex_unlock(&mv->lock);
+		json_t *o = json_pack("{s:i, s:i, s:o}", "cpu-index", i, "queued", queued, "banks", banks);
+		/* Native: the registers live in KVM; shown only where it reads them back. */
+		if (m->backend == MCE_EMULATED)
+			json_object_set_new(o, "mcg-status", json_integer((json_int_t)mcg_status));
+		json_array_append_new(vcpus, o);
+	}
+	return json_pack("{s:s, s:i, s:I, s:I, s:o, s:{s:I, s:I}, s:I, s:I, s:I, s:o}",
+			 "backend", backend_names[m->backend],
+			 "banks", m->backend == MCE_OFF ? 0 : MCA_BANKS,
+			 "mcg-cap", (json_int_t)(m->backend == MCE_OFF ? 0 : m->mcg_cap),
+			 "poisoned-count", (json_int_t)st.pages[MEMDESC_POISONED],
+			 "poisoned-pages", pages,
+			 "injected", "action-optional", (json_int_t)atomic_load(&m->n_ao),
+			 "action-required", (json_int_t)atomic_load(&m->n_ar),
+			 "ignored", (json_int_t)atomic_load(&m->n_ignored),
+			 "shutdowns", (json_int_t)atomic_load(&m->n_shutdown),
+			 "host-errors", (json_int_t)atomic_load(&m->n_host),
+			 "vcpus", vcpus);
+}
+
+/* ---- `mdvm run --inject-memory-error-at GPA[:kind][@ms]` */
+struct scheduled {
+	struct mce *m;
+	struct mce_inject_at at;
+};
+
+static void scheduled_fire(void *opaque)
+{
+	struct scheduled *s = opaque;
+	char err[256];
+
+	if (mce_inject_memory_error(s->m, s->at.gpa, 1, (enum mce_kind)s->at.kind, 0, err, sizeof(err)) < 0)
+		pr_err("--inject-memory-error-at 0x%" PRIx64 ": %s", s->at.gpa, err);
+	free(s);
+}
+
+static void schedule_config(struct mce *m)
+{
+	const struct vm_config *cfg = vm_config(m->vm);
+
+	for (unsigned i = 0; i < cfg->n_inject_at; i++) {
+		struct scheduled *s = xmalloc(sizeof(*s));
+		s->m = m;
+		s->at = cfg->inject_at[i];
+		loop_add_timer(s->at.delay_ms ? s->at.delay_ms : 1, scheduled_fire, s);
+	}
+}
