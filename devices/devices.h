@@ -15,6 +15,10 @@ void serial_receive(struct serial *s, const uint8_t *buf, size_t len);
 
 /* Debug-exit, power-off and reset ports. */
 int power_create(struct vm *vm);
+/* CMOS RTC at ports 0x70/0x71. */
+int rtc_create(struct vm *vm);
+/* ACPI hardware-reduced sleep control/status registers (power-off). */
+int acpi_pm_create(struct vm *vm);
 
 /* Test device mailbox (devices/testdev_regs.h). */
 struct testdev;

@@ -16,8 +16,6 @@
 
 #define XEN_ELFNOTE_PHYS32_ENTRY 18
 #define HVM_START_MAGIC 0x336ec578
-#define E820_RAM      1
-#define E820_RESERVED 2
 
 struct hvm_start_info {
 	uint32_t magic, version, flags, nr_modules;
@@ -60,46 +58,133 @@ static int find_pvh_note(const uint8_t *p, size_t len, uint64_t *entry)
 	return -1;
 }
 
-static int write_start_info(struct guest_mem *gm, const char *cmdline, char *err, size_t errlen)
+struct hvm_modlist_entry {
+	uint64_t paddr, size, cmdline_paddr, reserved;
+};
+
+size_t boot_memmap(struct guest_mem *gm, bool linux_area, struct boot_e820 *map, size_t max)
 {
-	struct hvm_memmap_table_entry map[MDVM_BOOT_MEMMAP_MAX];
+	/* Reserved ranges below 1 MiB, ascending. */
+	const struct mm_range resv[] = {
+		{ MDVM_BOOT_AREA_START, MDVM_BOOT_AREA_END - MDVM_BOOT_AREA_START },
+		{ MDVM_LINUX_AREA_START, linux_area ? MDVM_LINUX_AREA_END - MDVM_LINUX_AREA_START : 0 },
+		{ 0x9fc00, 0x100000 - 0x9fc00 },   /* EBDA, VGA, BIOS: ACPI tables live here */
+	};
 	struct mm_range ram[8];
 	size_t nram = mm_ram_ranges(gm, ram, 8), n = 0;
-	struct hvm_start_info si = { .magic = HVM_START_MAGIC, .version = 1 };
-	size_t clen = cmdline ? strlen(cmdline) : 0;
 
-#define ADD(a, s, t) do { if ((s) > 0 && n < MDVM_BOOT_MEMMAP_MAX) \
-	map[n++] = (struct hvm_memmap_table_entry){ (a), (s), (t), 0 }; } while (0)
+#define ADD(a, s, t) do { if ((s) > 0 && n < max) \
+	map[n++] = (struct boot_e820){ (a), (s), (t) }; } while (0)
 	for (size_t i = 0; i < nram; i++) {
 		uint64_t a = ram[i].gpa, e = ram[i].gpa + ram[i].size;
-		if (a == 0 && e > 0x100000) {
-			/* Low memory: boot structures and the legacy 640K-1M area. */
-			ADD(0, MDVM_BOOT_AREA_START, E820_RAM);
-			ADD(MDVM_BOOT_AREA_START, MDVM_BOOT_AREA_END - MDVM_BOOT_AREA_START, E820_RESERVED);
-			ADD(MDVM_BOOT_AREA_END, 0x9fc00 - MDVM_BOOT_AREA_END, E820_RAM);
-			ADD(0x9fc00, 0x100000 - 0x9fc00, E820_RESERVED);
-			ADD(0x100000, e - 0x100000, E820_RAM);
-		} else {
-			ADD(a, e - a, E820_RAM);
+
+		for (size_t r = 0; r < sizeof(resv) / sizeof(resv[0]); r++) {
+			uint64_t rs = resv[r].gpa, re = resv[r].gpa + resv[r].size;
+			if (!resv[r].size || re <= a || rs >= e)
+				continue;
+			if (rs > a)
+				ADD(a, rs - a, BOOT_E820_RAM);
+			ADD(rs, re - rs, BOOT_E820_RESERVED);
+			a = re;
 		}
+		if (e > a)
+			ADD(a, e - a, BOOT_E820_RAM);
 	}
 #undef ADD
+	return n;
+}
+
+int boot_load_initrd(struct guest_mem *gm, const char *path, uint64_t min, uint64_t max_end,
+		     uint64_t *gpa, uint64_t *size, char *err, size_t errlen)
+{
+	struct mm_range ram[8];
+	size_t nram = mm_ram_ranges(gm, ram, 8);
+	uint64_t top = 0, start;
+	struct stat st;
+	void *p;
+	int fd;
+
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return BERR("initrd '%s': %s", path, strerror(errno));
+	if (fstat(fd, &st) < 0) {
+		close(fd);
+		return BERR("initrd '%s': %s", path, strerror(errno));
+	}
+	/* The RAM range holding min (low memory) bounds where the initrd may go. */
+	for (size_t i = 0; i < nram; i++)
+		if (ram[i].gpa <= min && min < ram[i].gpa + ram[i].size)
+			top = ram[i].gpa + ram[i].size;
+	if (top > max_end)
+		top = max_end;
+	start = ((top > (uint64_t)st.st_size ? top - st.st_size : 0)) & ~(MDVM_PAGE_SIZE - 1);
+	if (top == 0 || (uint64_t)st.st_size > top || start < min) {
+		close(fd);
+		return BERR("initrd '%s' (%llu KiB) does not fit in guest RAM between the kernel's end "
+			    "(0x%llx) and 0x%llx; give more --memory (at least %llu MiB)", path,
+			    (unsigned long long)(st.st_size >> 10), (unsigned long long)min,
+			    (unsigned long long)top,
+			    (unsigned long long)((min + st.st_size + (4 << 20) + (1 << 20) - 1) >> 20));
+	}
+	*gpa = start;
+	*size = st.st_size;
+	if (st.st_size == 0) {
+		close(fd);
+		return 0;
+	}
+	p = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+	close(fd);
+	if (p == MAP_FAILED)
+		return BERR("initrd '%s': %s", path, strerror(errno));
+	if (mm_write(gm, start, p, st.st_size) < 0) {
+		munmap(p, st.st_size);
+		return BERR("initrd '%s': cannot write it into guest RAM at 0x%llx", path,
+			    (unsigned long long)start);
+	}
+	munmap(p, st.st_size);
+	return 0;
+}
+
+static int write_start_info(struct guest_mem *gm, const struct boot_args *a, struct boot_image *img,
+			    char *err, size_t errlen)
+{
+	struct boot_e820 e820[MDVM_BOOT_MEMMAP_MAX];
+	struct hvm_memmap_table_entry map[MDVM_BOOT_MEMMAP_MAX];
+	size_t n = boot_memmap(gm, false, e820, MDVM_BOOT_MEMMAP_MAX);
+	struct hvm_start_info si = { .magic = HVM_START_MAGIC, .version = 1, .rsdp_paddr = a->rsdp };
+	struct hvm_modlist_entry mod = { 0 };
+	const char *cmdline = a->cmdline;
+	size_t clen = cmdline ? strlen(cmdline) : 0;
+
+	for (size_t i = 0; i < n; i++)
+		map[i] = (struct hvm_memmap_table_entry){ e820[i].addr, e820[i].size, e820[i].type, 0 };
 	if (clen >= MDVM_BOOT_CMDLINE_MAX)
 		return BERR("command line too long (%zu bytes, max %d)", clen, MDVM_BOOT_CMDLINE_MAX - 1);
+	if (a->initrd) {
+		if (boot_load_initrd(gm, a->initrd, (img->load_end + MDVM_PAGE_SIZE - 1) & ~(MDVM_PAGE_SIZE - 1),
+				     MDVM_MMIO_HOLE_START, &img->initrd_gpa, &img->initrd_size, err, errlen) < 0)
+			return -1;
+		mod.paddr = img->initrd_gpa;
+		mod.size = img->initrd_size;
+		si.nr_modules = 1;
+		si.modlist_paddr = MDVM_BOOT_MODLIST_GPA;
+	}
 	si.cmdline_paddr = clen ? MDVM_BOOT_CMDLINE_GPA : 0;
 	si.memmap_paddr = MDVM_BOOT_MEMMAP_GPA;
 	si.memmap_entries = n;
 	mm_mark_reserved(gm, MDVM_BOOT_AREA_START, MDVM_BOOT_AREA_END - MDVM_BOOT_AREA_START);
 	if (mm_write(gm, MDVM_BOOT_INFO_GPA, &si, sizeof(si)) < 0 ||
 	    mm_write(gm, MDVM_BOOT_MEMMAP_GPA, map, n * sizeof(map[0])) < 0 ||
+	    mm_write(gm, MDVM_BOOT_MODLIST_GPA, &mod, sizeof(mod)) < 0 ||
 	    (clen && mm_write(gm, MDVM_BOOT_CMDLINE_GPA, cmdline, clen + 1) < 0))
 		return BERR("cannot write boot information into guest memory");
 	return 0;
 }
 
-int boot_load_pvh(struct guest_mem *gm, const char *path, const char *cmdline,
-		  struct boot_image *img, char *err, size_t errlen)
+int boot_load_pvh(struct guest_mem *gm, const struct boot_args *a, struct boot_image *img,
+		  char *err, size_t errlen)
 {
+	const char *path = a->kernel;
 	struct stat st;
 	uint8_t *p;
 	const Elf64_Ehdr *eh;
@@ -111,7 +196,7 @@ int boot_load_pvh(struct guest_mem *gm, const char *path, const char *cmdline,
 		return BERR("kernel '%s': %s", path, strerror(errno));
 	if (fstat(fd, &st) < 0 || st.st_size < (off_t)sizeof(Elf64_Ehdr)) {
 		close(fd);
-		return BERR("kernel '%s': not an ELF file (too small)", path);
+		return BERR("kernel '%s': not an ELF file or a Linux bzImage (too small)", path);
 	}
 	p = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
 	close(fd);
@@ -119,7 +204,7 @@ int boot_load_pvh(struct guest_mem *gm, const char *path, const char *cmdline,
 		return BERR("kernel '%s': %s", path, strerror(errno));
 	eh = (const void *)p;
 	if (memcmp(eh->e_ident, ELFMAG, SELFMAG)) {
-		BERR("kernel '%s': not an ELF file", path);
+		BERR("kernel '%s': not an ELF file or a Linux bzImage", path);
 		goto out;
 	}
 	if (eh->e_ident[EI_CLASS] != ELFCLASS64 || eh->e_machine != EM_X86_64) {
@@ -188,7 +273,8 @@ int boot_load_pvh(struct guest_mem *gm, const char *path, const char *cmdline,
 		BERR("kernel '%s': no loadable segments", path);
 		goto out;
 	}
-	ret = write_start_info(gm, cmdline, err, errlen);
+	img->mode = BOOT_MODE_PVH;
+	ret = write_start_info(gm, a, img, err, errlen);
 out:
 	munmap(p, st.st_size);
 	return ret;

@@ -14,6 +14,21 @@
 #define MDVM_BOOT_CMDLINE_MAX   4096        /* including the NUL */
 #define MDVM_BOOT_AREA_START    0x6000ULL
 #define MDVM_BOOT_AREA_END      0x8000ULL
+#define MDVM_BOOT_MODLIST_GPA   0x6e00ULL   /* hvm_modlist_entry (the initrd) */
+
+/* Linux 64-bit boot protocol (bzImage): zero page, GDT, identity page tables
+ * (0-4 GiB, 2 MiB pages), command line. Reserved in the e820 map. */
+#define MDVM_LINUX_AREA_START   0x10000ULL
+#define MDVM_LINUX_ZERO_PAGE    0x10000ULL
+#define MDVM_LINUX_GDT          0x11000ULL
+#define MDVM_LINUX_PML4         0x12000ULL  /* PDPT at +0x1000, 4 PDs after it */
+#define MDVM_LINUX_CMDLINE      0x18000ULL
+#define MDVM_LINUX_AREA_END     0x19000ULL
+
+/* ACPI tables (RSDP first, where Linux also scans for it), in the reserved
+ * BIOS area below 1 MiB. */
+#define MDVM_ACPI_GPA           0xE0000ULL
+#define MDVM_ACPI_SIZE          0x10000ULL
 
 /* 32-bit MMIO hole below 4 GiB: RAM above it is relocated to 4 GiB. */
 #define MDVM_MMIO_HOLE_START    0xC0000000ULL
@@ -36,5 +51,13 @@
 #define MDVM_DEBUG_EXIT_PORT    0x501   /* out8/out32 v: mdvm exits with status v & 0xff */
 #define MDVM_POWEROFF_PORT      0x604   /* out16 0x2000: power off (as QEMU's PIIX4 PM) */
 #define MDVM_RESET_PORT         0xcf9   /* out8 0x06/0x0e: system reset */
+#define MDVM_RTC_PORT           0x70    /* CMOS index, 0x71 data */
+#define MDVM_RTC_IRQ            8
+#define MDVM_ACPI_SLEEP_PORT    0x610   /* FADT SLEEP_CONTROL_REG (8 bit), +1 SLEEP_STATUS_REG */
+
+/* In-kernel irqchip (KVM_CREATE_IRQCHIP) */
+#define MDVM_IOAPIC_GPA         0xFEC00000ULL
+#define MDVM_LAPIC_GPA          0xFEE00000ULL
+#define MDVM_IOAPIC_PINS        24
 
 #endif

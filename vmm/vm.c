@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include "acpi.h"
 #include "boot.h"
 #include "layout.h"
 #include "loop.h"
@@ -148,6 +149,8 @@ static int vcpu_setup_cpuid(struct vm *vm, struct vcpu *v, char *err, size_t err
 			mce_cpuid_1(vm->mce, &e->edx);
 			e->ebx = (e->ebx & 0x0000ffff) | ((uint32_t)vm->ncpus << 16) | ((uint32_t)v->id << 24);
 			e->ecx |= 1u << 31;          /* hypervisor present */
+			if (ioctl(vm->kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_TSC_DEADLINE_TIMER) > 0)
+				e->ecx |= 1u << 24;  /* TSC deadline: Linux needs no LAPIC timer calibration */
 			break;
 		case 0xb:
 		case 0x1f:
@@ -205,6 +208,13 @@ static int vcpu_set_pvh_state(struct vm *vm, struct vcpu *v, char *err, size_t e
 	return 0;
 }
 
+static int vcpu_set_boot_state(struct vm *vm, struct vcpu *v, char *err, size_t errlen)
+{
+	if (vm->img.mode == BOOT_MODE_LINUX64)
+		return boot_linux_set_vcpu(v->fd, &vm->img, err, errlen);
+	return vcpu_set_pvh_state(vm, v, err, errlen);
+}
+
 static int vm_write_boot_gdt(struct vm *vm)
 {
 	/* null, null, 32-bit code (0x10), 32-bit data (0x18), 32-bit TSS (0x20) */
@@ -216,7 +226,11 @@ static int vm_write_boot_gdt(struct vm *vm)
 
 static int vm_load_kernel(struct vm *vm, char *err, size_t errlen)
 {
-	if (boot_load_pvh(vm->gm, vm->cfg->kernel, vm->cmdline, &vm->img, err, errlen) < 0)
+	struct boot_args a = { .kernel = vm->cfg->kernel, .initrd = vm->cfg->initrd,
+			       .cmdline = vm->cmdline };
+
+	a.rsdp = acpi_build(vm->gm, vm->ncpus, err, errlen);
+	if (!a.rsdp || boot_load(vm->gm, &a, &vm->img, err, errlen) < 0)
 		return -1;
 	if (vm_write_boot_gdt(vm) < 0)
 		return VERR("cannot write the boot GDT");
@@ -495,8 +509,8 @@ static int vm_create_vcpus(struct vm *vm, char *err, size_t errlen)
 		if (dirty_kvm_vcpu_init(i, v->fd) < 0)
 			return VERR("mapping the dirty ring of vcpu %d failed: %s", i, strerror(errno));
 	}
-	/* APs stay in KVM's wait-for-SIPI state; the BSP enters at the PVH entry. */
-	return vcpu_set_pvh_state(vm, &vm->vcpus[0], err, errlen);
+	/* APs stay in KVM's wait-for-SIPI state; the BSP enters the kernel. */
+	return vcpu_set_boot_state(vm, &vm->vcpus[0], err, errlen);
 }
 
 static int vm_open_console(struct vm *vm, char *err, size_t errlen)
@@ -553,7 +567,8 @@ struct vm *vm_create(const struct vm_config *cfg, char *err, size_t errlen)
 		goto fail;
 	vm->serial = serial_create(vm, MDVM_COM1_PORT, MDVM_COM1_IRQ, vm->console_fd);
 	vm->testdev = testdev_create(vm, MDVM_TESTDEV_GPA);
-	if (!vm->serial || !vm->testdev || power_create(vm) < 0) {
+	if (!vm->serial || !vm->testdev || power_create(vm) < 0 || rtc_create(vm) < 0 ||
+	    acpi_pm_create(vm) < 0) {
 		VERR("cannot register devices: %s", strerror(errno));
 		goto fail;
 	}
@@ -566,6 +581,8 @@ struct vm *vm_create(const struct vm_config *cfg, char *err, size_t errlen)
 			VERR("cannot create the virtio balloon");
 			goto fail;
 		}
+		/* ... and how a stock kernel does (no CMDLINE_DEVICES): ACPI. */
+		acpi_add_virtio_mmio(MDVM_VIRTIO_MMIO_GPA, MDVM_VIRTIO_MMIO_SIZE, MDVM_VIRTIO_IRQ);
 		if (asprintf(&c, "%s%svirtio_mmio.device=4K@0x%llx:%d", vm->cmdline, *vm->cmdline ? " " : "",
 			     MDVM_VIRTIO_MMIO_GPA, MDVM_VIRTIO_IRQ) < 0)
 			abort();
@@ -724,7 +741,7 @@ int vm_reset(struct vm *vm)
 		ioctl(vm->vcpus[i].fd, KVM_SET_MP_STATE, &mp);
 	}
 	if (vm_load_kernel(vm, err, sizeof(err)) < 0 ||
-	    vcpu_set_pvh_state(vm, &vm->vcpus[0], err, sizeof(err)) < 0) {
+	    vcpu_set_boot_state(vm, &vm->vcpus[0], err, sizeof(err)) < 0) {
 		pr_err("system reset failed: %s", err);
 		ret = -1;
 	}
