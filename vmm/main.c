@@ -8,6 +8,7 @@
 #include "loop.h"
 #include "migration.h"
 #include "qmp.h"
+#include "trace.h"
 #include "util.h"
 #include "vm.h"
 
@@ -37,6 +38,7 @@ static int run_main(int argc, char **argv)
 	struct vm *vm;
 	int ret;
 
+	trace_startup("main");
 	config_init(&cfg);
 	ret = config_parse_run_args(argc, argv, &cfg, err, sizeof(err));
 	if (ret < 0) {
@@ -52,6 +54,7 @@ static int run_main(int argc, char **argv)
 		fprintf(stderr, "mdvm: cannot create the event loop\n");
 		return 1;
 	}
+	trace_startup("vm-create");
 	vm = vm_create(&cfg, err, sizeof(err));
 	if (!vm) {
 		fprintf(stderr, "mdvm: %s\n", err);
@@ -81,6 +84,7 @@ static int run_main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGINT, on_terminate);
 	signal(SIGTERM, on_terminate);
+	trace_startup("run");
 	if (cfg.incoming ? migration_incoming_start(vm) < 0 : vm_start(vm) < 0) {
 		ret = 1;
 	} else {

@@ -18,6 +18,7 @@
 #include "layout.h"
 #include "loop.h"
 #include "qmp.h"
+#include "trace.h"
 #include "util.h"
 #include "vm.h"
 #include "bus.h"
@@ -428,6 +429,7 @@ static void *vcpu_thread(void *arg)
 			vcpu_park(v, true);
 			break;
 		}
+		trace_startup("first-exit");
 		if (!vcpu_handle_exit(v)) {
 			vcpu_park(v, true);
 			break;
@@ -555,9 +557,11 @@ struct vm *vm_create(const struct vm_config *cfg, char *err, size_t errlen)
 
 	if (vm_open_kvm(vm, err, errlen) < 0)
 		goto fail;
+	trace_startup("kvm");
 	vm->gm = mm_create(&mc, &kvm_mm_ops, vm, err, errlen);
 	if (!vm->gm)
 		goto fail;
+	trace_startup_mem(vm->gm);
 	/* Before any vCPU exists: the MSR filter must be in place first. */
 	vm->mce = mce_create(vm, vm->kvm_fd, vm->vm_fd, err, errlen);
 	if (!vm->mce)
@@ -589,10 +593,13 @@ struct vm *vm_create(const struct vm_config *cfg, char *err, size_t errlen)
 		free(vm->cmdline);
 		vm->cmdline = c;
 	}
+	trace_startup("devices");
 	if (vm_load_kernel(vm, err, errlen) < 0)
 		goto fail;
+	trace_startup("load");
 	if (vm_create_vcpus(vm, err, errlen) < 0)
 		goto fail;
+	trace_startup("vcpus");
 	return vm;
 fail:
 	vm_destroy(vm);
