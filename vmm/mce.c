@@ -54,9 +54,10 @@ struct mce_vcpu {
 	unsigned qhead, qlen;
 	_Atomic unsigned pending;      /* qlen, for a lock-free check before KVM_RUN */
 	_Atomic uint64_t sig_ar;       /* GPA + 1 from SIGBUS BUS_MCEERR_AR on this thread */
+	_Atomic uint64_t raise_hva;    /* test hook: raise SIGBUS here (hva | kind << 63) + 1 */
 	bool native_msrs;              /* KVM_GET_MSRS reads back the MCA registers */
 	bool just_injected;            /* native: #MC injected, no exit since */
-	bool just_injected_mcip;       /* ...while MCG_STATUS.MCIP was (known) set */
+	bool just_injected_ar;         /* ...and it was an SRAR */
 };
 
 struct mce {
@@ -210,7 +211,7 @@ static void deliver(struct mce_vcpu *mv, uint64_t gpa, enum mce_kind kind)
 			return;
 		}
 		mv->just_injected = true;
-		mv->just_injected_mcip = mcip;
+		mv->just_injected_ar = ar;
 	} else {
 		bool cr4 = vcpu_cr4_mce(mv);
 		enum mca_inject_result r;
@@ -255,12 +256,31 @@ static void deliver(struct mce_vcpu *mv, uint64_t gpa, enum mce_kind kind)
 		mv->index, ar ? "action-required (SRAR)" : "action-optional (SRAO)", addr);
 }
 
+static int raise_sigbus_self(enum mce_kind kind, uint64_t hva)
+{
+	siginfo_t si;
+
+	memset(&si, 0, sizeof(si));
+	si.si_signo = SIGBUS;
+	si.si_code = kind == MCE_AR ? BUS_MCEERR_AR : BUS_MCEERR_AO;
+	si.si_addr = (void *)(uintptr_t)hva;
+	si.si_addr_lsb = MM_PAGE_SHIFT;
+	/* The kernel lets a thread send a kernel-style si_code only to itself. */
+	return (int)syscall(SYS_rt_tgsigqueueinfo, getpid(), (pid_t)syscall(SYS_gettid), SIGBUS, &si);
+}
+
 void mce_vcpu_pre_run(struct mce_vcpu *mv)
 {
 	uint64_t s;
 
 	if (!mv)
 		return;
+	s = atomic_exchange(&mv->raise_hva, 0);
+	if (s) {
+		s--;
+		if (raise_sigbus_self(s >> 63 ? MCE_AR : MCE_AO, s & ~(1ULL << 63)) < 0)
+			pr_err("vcpu %d: rt_tgsigqueueinfo: %s", mv->index, strerror(errno));
+	}
 	s = atomic_exchange(&mv->sig_ar, 0);
 	if (s) {
 		/* The host kernel found the page bad under this vCPU's access. */
@@ -398,7 +418,7 @@ bool mce_handle_shutdown(struct mce_vcpu *mv)
 	/* KVM shuts the vCPU down itself for an #MC during an #MC. */
 	mv->just_injected = false;
 	atomic_fetch_add(&mv->m->n_shutdown, 1);
-	memory_failure_event(true, "reset", false, true);
+	memory_failure_event(true, "reset", mv->just_injected_ar, true);
 	pr_err("vcpu %d: machine check while MCG_STATUS.MCIP was set (a machine check during a "
 	       "machine check): the guest CPU shuts down", mv->index);
 	return true;
@@ -745,23 +765,18 @@ int mce_inject_memory_error(struct mce *m, uint64_t gpa, uint64_t count, enum mc
 int mce_raise_sigbus(struct mce *m, enum mce_kind kind, uint64_t hva, int cpu,
 		     char *err, size_t errlen)
 {
-	siginfo_t si;
-	pid_t tid = getpid();
-
 	if (cpu >= 0) {
-		if (cpu >= m->ncpus || !m->vcpus[cpu] || !atomic_load(&m->vcpus[cpu]->tid)) {
+		struct mce_vcpu *mv = cpu < m->ncpus ? m->vcpus[cpu] : NULL;
+		if (!mv || !atomic_load(&mv->tid)) {
 			snprintf(err, errlen, "vCPU %d has no running thread", cpu);
 			return -1;
 		}
-		tid = atomic_load(&m->vcpus[cpu]->tid);
+		/* Raised by the vCPU thread on itself, before its next entry. */
+		atomic_store(&mv->raise_hva, (hva | (uint64_t)(kind == MCE_AR) << 63) + 1);
+		vm_kick_vcpu(m->vm, cpu);
+		return 0;
 	}
-	memset(&si, 0, sizeof(si));
-	si.si_signo = SIGBUS;
-	si.si_code = kind == MCE_AR ? BUS_MCEERR_AR : BUS_MCEERR_AO;
-	si.si_addr = (void *)(uintptr_t)hva;
-	si.si_addr_lsb = MM_PAGE_SHIFT;
-	/* Only a process may send itself a kernel-style si_code. */
-	if (syscall(SYS_rt_tgsigqueueinfo, getpid(), tid, SIGBUS, &si) < 0) {
+	if (raise_sigbus_self(kind, hva) < 0) {
 		snprintf(err, errlen, "rt_tgsigqueueinfo: %s", strerror(errno));
 		return -1;
 	}
