@@ -125,7 +125,16 @@ class VM:
             if time.time() > deadline:
                 raise TimeoutError("control socket did not appear")
             time.sleep(0.02)
-        self.qmp = QMP(self.sock).negotiate()
+        while True:
+            try:
+                self.qmp = QMP(self.sock).negotiate()
+                break
+            except ConnectionRefusedError:
+                # The socket file exists from bind() on, but accepts
+                # connections only after listen().
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.01)
         if wait_banner:
             self.wait_console(BANNER)
         return self
