@@ -417,6 +417,7 @@ static void *vcpu_thread(void *arg)
 			break;
 		vcpu_throttle(v);
 		mce_vcpu_pre_run(v->mce);
+		trace_startup("kvm-run");
 		if (ioctl(v->fd, KVM_RUN, 0) < 0) {
 			if (mce_handle_run_error(v->mce, errno))
 				continue;
