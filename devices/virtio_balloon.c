@@ -40,6 +40,7 @@ struct virtio_balloon {
 	bool stats_held;               /* driver's stats buffer, kept until we want new stats */
 	uint16_t stats_head;
 	uint64_t ballooned, inflated, deflated, reported_bytes, released_bytes;
+	uint64_t inflate_ns, report_ns;   /* host time spent handling those queues */
 	bool have_stats;
 	int64_t stats_time;
 	uint64_t stats[VIRTIO_BALLOON_S_NR];
@@ -243,10 +244,17 @@ static void balloon_queue_notify(void *dev, struct virtio_mmio *t, unsigned q)
 		}
 		if (r == 0)
 			break;
+		uint64_t t0 = monotonic_ns();
 		switch (b->role[q]) {
-		case BQ_INFLATE: r = balloon_pfns(b, &b->elem, true); break;
+		case BQ_INFLATE:
+			r = balloon_pfns(b, &b->elem, true);
+			b->inflate_ns += monotonic_ns() - t0;
+			break;
 		case BQ_DEFLATE: r = balloon_pfns(b, &b->elem, false); break;
-		case BQ_REPORT:  r = balloon_report(b, &b->elem); break;
+		case BQ_REPORT:
+			r = balloon_report(b, &b->elem);
+			b->report_ns += monotonic_ns() - t0;
+			break;
 		case BQ_STATS:
 			r = balloon_stats(b, &b->elem);
 			if (r == 0) {
@@ -424,6 +432,8 @@ void virtio_balloon_get_info(struct virtio_balloon *b, struct virtio_balloon_inf
 	o->deflated_pages = b->deflated;
 	o->reported_bytes = b->reported_bytes;
 	o->released_bytes = b->released_bytes;
+	o->inflate_ns = b->inflate_ns;
+	o->report_ns = b->report_ns;
 	o->features = virtio_mmio_features(b->t);
 	o->driver_ok = virtio_mmio_driver_ok(b->t);
 	o->needs_reset = virtio_mmio_broken(b->t);

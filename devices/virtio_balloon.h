@@ -32,6 +32,7 @@ struct virtio_balloon_info {
 	uint64_t inflated_pages, deflated_pages;   /* totals since creation */
 	uint64_t reported_bytes;     /* free page reporting: bytes reported */
 	uint64_t released_bytes;     /* host memory given back (inflate + reporting) */
+	uint64_t inflate_ns, report_ns;   /* host time handling the inflate / reporting queues */
 	uint64_t features;           /* negotiated */
 	bool driver_ok, needs_reset;
 	bool have_stats;

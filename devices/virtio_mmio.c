@@ -168,6 +168,12 @@ static void kick(struct virtio_mmio *t, unsigned q)
 		pr_warn("%s: queue %u notification lost: %s", t->ops->name, q, strerror(errno));
 }
 
+static void rekick(void *opaque)
+{
+	struct vq_notifier *n = opaque;
+	kick(n->t, n->q);
+}
+
 static void on_notify(void *opaque, uint32_t events)
 {
 	struct vq_notifier *n = opaque;
@@ -176,6 +182,15 @@ static void on_notify(void *opaque, uint32_t events)
 
 	if (read(n->fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
 		return;
+	/* vCPUs stopped for the last pass of a migration: the device must not
+	 * write guest memory any more; look again later (a failed migration
+	 * resumes here, a completed one leaves the work to the destination,
+	 * which re-examines every queue after loading the state). */
+	enum vm_state st = vm_get_state(t->vm);
+	if (st == VM_STATE_FINISH_MIGRATE || st == VM_STATE_POSTMIGRATE) {
+		loop_add_timer(20, rekick, n);
+		return;
+	}
 	pthread_mutex_lock(&t->lock);
 	/* Linux's balloon kicks its stats queue before DRIVER_OK; FEATURES_OK
 	 * and a live queue are what processing needs. */

@@ -79,7 +79,7 @@ static void cmd_query_balloon_stats(struct qmp_req *req, json_t *args, void *opa
 								  (json_int_t)in.stats[i] : -1));
 	if (json_is_true(json_object_get(args, "refresh")))
 		refreshed = virtio_balloon_request_stats(b);
-	ret = json_pack("{s:o, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:b, s:b, s:b}",
+	ret = json_pack("{s:o, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:b, s:b, s:b}",
 			"stats", stats,
 			"last-update", (json_int_t)(in.have_stats ? in.stats_time : 0),
 			"target", (json_int_t)(in.ram_size - (in.target_pages << 12)),
@@ -89,6 +89,8 @@ static void cmd_query_balloon_stats(struct qmp_req *req, json_t *args, void *opa
 			"deflated-pages", (json_int_t)in.deflated_pages,
 			"reported-bytes", (json_int_t)in.reported_bytes,
 			"released-bytes", (json_int_t)in.released_bytes,
+			"inflate-ns", (json_int_t)in.inflate_ns,
+			"report-ns", (json_int_t)in.report_ns,
 			"features", (json_int_t)in.features,
 			"driver-ok", in.driver_ok, "needs-reset", in.needs_reset, "refresh-requested", refreshed);
 	qmp_reply_ok(req, ret);

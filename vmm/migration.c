@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "../devices/devices.h"
+#include "../devices/virtio_balloon.h"
 #include "../mm/dirty.h"
 #include "../mm/mm.h"
 #include "loop.h"
@@ -631,6 +632,13 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 		dl = testdev_save(vm_testdev(vm), dev, sizeof(dev));
 		if (!rc)
 			rc = send_blob_section(s.o, MIG_SEC_DEVICE, name, 16, dev, dl);
+		if (vm_balloon(vm)) {
+			memset(name, 0, sizeof(name));
+			strcpy(name, "virtio-balloon");
+			dl = virtio_balloon_save_state(vm_balloon(vm), dev, sizeof(dev));
+			if (!rc)
+				rc = send_blob_section(s.o, MIG_SEC_DEVICE, name, 16, dev, dl);
+		}
 		if (rc)
 			goto io_fail;
 	}
@@ -814,8 +822,8 @@ struct pending_state {
 	size_t vm_len;
 	uint8_t **vcpu;
 	size_t *vcpu_len;
-	uint8_t *serial, *testdev;
-	size_t serial_len, testdev_len;
+	uint8_t *serial, *testdev, *balloon;
+	size_t serial_len, testdev_len, balloon_len;
 };
 
 static struct {
@@ -1038,6 +1046,13 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 				goto out;
 			}
 			memcpy(name, p, 16);
+			if (!strcmp(name, "virtio-balloon")) {
+				free(ps.balloon);
+				ps.balloon = xmalloc(len - 16 + 1);
+				memcpy(ps.balloon, (uint8_t *)p + 16, len - 16);
+				ps.balloon_len = len - 16;
+				break;
+			}
 			uint8_t **dst = !strcmp(name, "serial") ? &ps.serial :
 					!strcmp(name, "testdev") ? &ps.testdev : NULL;
 			if (!dst) {
@@ -1092,6 +1107,14 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 		snprintf(err, errlen, "device state not accepted (version mismatch?)");
 		goto out;
 	}
+	if (!vm_balloon(vm) != !ps.balloon) {
+		snprintf(err, errlen, "virtio balloon on the %s only (--balloon must match)",
+			 ps.balloon ? "source" : "destination");
+		goto out;
+	}
+	if (ps.balloon && virtio_balloon_load_state(vm_balloon(vm), ps.balloon, ps.balloon_len,
+						    err, errlen) < 0)
+		goto out;
 	pr_info("incoming migration: %llu MiB received, %llu pages with data",
 		(unsigned long long)(mig_in_bytes(in) >> 20), (unsigned long long)data_pages);
 	rc = 0;
@@ -1099,6 +1122,7 @@ out:
 	free(ps.vm_blob);
 	free(ps.serial);
 	free(ps.testdev);
+	free(ps.balloon);
 	for (int i = 0; i < ncpus; i++)
 		free(ps.vcpu[i]);
 	free(ps.vcpu);
