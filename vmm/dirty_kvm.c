@@ -25,7 +25,7 @@
 
 #define MAX_SLOTS   512
 #define MAX_VCPUS   256
-#define RING_ENTRIES 16384          /* 256 KiB per vCPU */
+#define RING_ENTRIES 65536          /* 1 MiB per vCPU */
 #define CLEAR_CHUNK (1u << 18)      /* pages per KVM_CLEAR_DIRTY_LOG */
 
 enum mode { MODE_NONE, MODE_RING, MODE_BITMAP };
@@ -148,29 +148,62 @@ int dirty_kvm_set_region(uint32_t slot, uint64_t gpa, uint64_t size, void *hva, 
 	return rc;
 }
 
-/* ---- harvest (dk.lock held) */
+/* ---- harvest (dk.lock held)
+ *
+ * KVM pushes entries in order and is meant to exit (DIRTY_RING_FULL) before
+ * a ring fills. The kvm_pvm module of our hosts emulates guest instructions
+ * in batches and overruns it ("kvm_dirty_ring_push" warning, oldest entries
+ * overwritten). So: the whole ring is scanned (positions may have moved), a
+ * ring found completely dirty counts as overflowed and reports every frame
+ * dirty (correct, costly), and vCPUs harvest early at their exits
+ * (dirty_kvm_vcpu_exit) to make that rare. */
+static void record_all(struct dirty_tracker *t)
+{
+	for (uint32_t id = 0; id < MAX_SLOTS; id++)
+		if (dk.slots[id].used)
+			dirty_tracker_record(t, dk.slots[id].gpa >> 12, dk.slots[id].size >> 12);
+}
+
 static long ring_harvest_locked(struct dirty_tracker *t)
 {
 	long n = 0;
+	bool overflow = false;
 
 	for (int i = 0; i < dk.nrings; i++) {
 		struct ring *r = &dk.rings[i];
+		uint32_t found = 0, last = r->fetch;
 		if (!r->gfns)
 			continue;
-		for (;;) {
-			struct kvm_dirty_gfn *e = &r->gfns[r->fetch % dk.ring_entries];
+		for (uint32_t k = 0; k < dk.ring_entries; k++) {
+			uint32_t pos = (r->fetch + k) % dk.ring_entries;
+			struct kvm_dirty_gfn *e = &r->gfns[pos];
 			uint32_t fl = __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE);
-			if (!(fl & KVM_DIRTY_GFN_F_DIRTY))
-				break;
+			if (!(fl & KVM_DIRTY_GFN_F_DIRTY) || (fl & KVM_DIRTY_GFN_F_RESET))
+				continue;
 			uint32_t id = e->slot & 0xffff;
 			if ((e->slot >> 16) == 0 && id < MAX_SLOTS && dk.slots[id].used && t)
 				dirty_tracker_record(t, (dk.slots[id].gpa >> 12) + e->offset, 1);
 			__atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
-			r->fetch++;
-			n++;
+			found++;
+			last = pos + 1;
 		}
+		if (found >= dk.ring_entries)
+			overflow = true;
+		r->fetch = last % dk.ring_entries;
+		n += found;
 	}
-	if (n && ioctl(dk.vm_fd, KVM_RESET_DIRTY_RINGS, 0) < 0)
+	if (overflow && t) {
+		static bool warned;
+		if (!warned) {
+			warned = true;
+			pr_warn("KVM dirty ring overflowed (this host's KVM fills it past its limit); "
+				"treating all guest memory as dirty once");
+		}
+		record_all(t);
+	}
+	/* Reset even when nothing new was found: a vCPU that exited with a
+	 * full ring waits for entries harvested earlier to be recycled. */
+	if (ioctl(dk.vm_fd, KVM_RESET_DIRTY_RINGS, 0) < 0)
 		return -errno;
 	return n;
 }
@@ -236,6 +269,24 @@ void dirty_kvm_ring_full(int index)
 {
 	(void)index;
 	/* Harvest every ring: the others are probably close to full too. */
+	pthread_mutex_lock(&dk.lock);
+	harvest_locked(dk.logging ? dk.tracker : NULL);
+	pthread_mutex_unlock(&dk.lock);
+}
+
+void dirty_kvm_vcpu_exit(int index)
+{
+	struct ring *r;
+
+	if (dk.mode != MODE_RING || !dk.logging || index >= dk.nrings)
+		return;
+	r = &dk.rings[index];
+	/* Entries are pushed from fetch on: the one a quarter of the ring
+	 * further being dirty means the ring is at least that full. */
+	if (!r->gfns || !(__atomic_load_n(&r->gfns[(r->fetch + dk.ring_entries / 4) %
+						  dk.ring_entries].flags, __ATOMIC_ACQUIRE) &
+			  KVM_DIRTY_GFN_F_DIRTY))
+		return;
 	pthread_mutex_lock(&dk.lock);
 	harvest_locked(dk.logging ? dk.tracker : NULL);
 	pthread_mutex_unlock(&dk.lock);

@@ -19,6 +19,8 @@ int  dirty_kvm_vcpu_init(int index, int vcpu_fd);
 int  dirty_kvm_set_region(uint32_t slot, uint64_t gpa, uint64_t size, void *hva, bool log_dirty);
 /* KVM_EXIT_DIRTY_RING_FULL on vCPU `index`: harvest and reset. */
 void dirty_kvm_ring_full(int index);
+/* Any other exit of vCPU `index`: harvest early if its ring is filling. */
+void dirty_kvm_vcpu_exit(int index);
 /* Create the tracker for gm with KVM as its source (after mm_create). */
 void dirty_kvm_attach(struct guest_mem *gm);
 const char *dirty_kvm_mode(void);   /* "ring", "bitmap" or "none" */

@@ -237,13 +237,18 @@ static int sec_flush(struct sender *s)
 	s->len = 0;
 	if (rc)
 		return rc;
+	pthread_mutex_lock(&mig.lock);
+	mig.transferred = mig_out_bytes(s->o);
+	pthread_mutex_unlock(&mig.lock);
 	if (s->limit && mig.max_bandwidth != UINT64_MAX) {
-		uint64_t sent = mig_out_bytes(s->o) - s->bytes0;
+		uint64_t sent = mig_out_queued(s->o) - s->bytes0;
 		uint64_t want_ns = sent * 1000000000ULL / mig.max_bandwidth, el = monotonic_ns() - s->t0;
-		if (want_ns > el) {
-			uint64_t ns = want_ns - el;
-			struct timespec ts = { .tv_sec = ns / 1000000000ULL, .tv_nsec = ns % 1000000000ULL };
+		/* Sleep in short steps: migrate_cancel must not wait for it. */
+		while (want_ns > el && !atomic_load(&mig.cancel)) {
+			uint64_t ns = want_ns - el > 20000000ULL ? 20000000ULL : want_ns - el;
+			struct timespec ts = { .tv_sec = 0, .tv_nsec = (long)ns };
 			nanosleep(&ts, NULL);
+			el = monotonic_ns() - s->t0;
 		}
 	}
 	return atomic_load(&mig.cancel) ? -ECANCELED : 0;
@@ -524,7 +529,7 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 	/* Pass 1: everything. */
 	uint64_t it_t0 = monotonic_ns(), it_b0 = mig_out_bytes(s.o);
 	s.t0 = it_t0;
-	s.bytes0 = it_b0;
+	s.bytes0 = mig_out_queued(s.o);
 	s.limit = true;
 	for (uint32_t i = 0; i < cfg.nranges; i++)
 		if ((rc = send_range(&s, cfg.ranges[i].gpa / PAGE, cfg.ranges[i].size / PAGE)))
@@ -576,7 +581,7 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 		it_t0 = monotonic_ns();
 		it_b0 = mig_out_bytes(s.o);
 		s.t0 = it_t0;
-		s.bytes0 = it_b0;
+		s.bytes0 = mig_out_queued(s.o);
 		if ((rc = send_dirty(&s, log)))
 			goto io_fail;
 		iterations++;

@@ -109,7 +109,7 @@ struct mig_out {
 	struct io_uring ring;
 	struct out_buf b[OUT_BUFS];
 	int filling, q_head, q_tail, inflight;
-	uint64_t bytes, sections;
+	uint64_t bytes, sections, queued;
 	int error;
 };
 
@@ -270,6 +270,7 @@ int mig_out_commit(struct mig_out *o, uint32_t type, size_t len)
 		o->sections++;
 	}
 	b->sent = 0;
+	o->queued += b->len;
 	b->state = 2;
 	b->next = -1;
 	if (o->q_tail >= 0)
@@ -293,6 +294,7 @@ int mig_out_flush(struct mig_out *o)
 
 uint64_t mig_out_bytes(const struct mig_out *o) { return o->bytes; }
 uint64_t mig_out_sections(const struct mig_out *o) { return o->sections; }
+uint64_t mig_out_queued(const struct mig_out *o) { return o->queued; }
 int mig_out_error(const struct mig_out *o) { return o->error; }
 
 /* ---- receiver */

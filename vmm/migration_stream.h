@@ -79,6 +79,7 @@ int   mig_out_commit(struct mig_out *o, uint32_t type, size_t len);
 int   mig_out_flush(struct mig_out *o);   /* wait for everything queued */
 uint64_t mig_out_bytes(const struct mig_out *o);   /* bytes handed to the socket */
 uint64_t mig_out_sections(const struct mig_out *o);
+uint64_t mig_out_queued(const struct mig_out *o);  /* bytes committed so far */
 int   mig_out_error(const struct mig_out *o);      /* first -errno, or 0 */
 
 /* ---- receiver */

@@ -396,9 +396,15 @@ static void vcpu_throttle(struct vcpu *v)
 	}
 	if (now - slice_start < 10000000ULL)
 		return;
-	uint64_t ns = (now - slice_start) * pct / (100 - pct);
-	struct timespec ts = { .tv_sec = ns / 1000000000ULL, .tv_nsec = ns % 1000000000ULL };
-	nanosleep(&ts, NULL);
+	/* Sleep to the deadline; kicks (signals) cut nanosleep short, and
+	 * only a pause request or the throttle going off may end it early. */
+	uint64_t until = now + (now - slice_start) * pct / (100 - pct);
+	while ((now = monotonic_ns()) < until && v->vm->throttle_pct &&
+	       !__atomic_load_n(&v->vm->pause_req, __ATOMIC_RELAXED)) {
+		uint64_t ns = until - now > 5000000ULL ? 5000000ULL : until - now;
+		struct timespec ts = { .tv_sec = 0, .tv_nsec = (long)ns };
+		nanosleep(&ts, NULL);
+	}
 	slice_start = monotonic_ns();
 }
 
@@ -431,6 +437,7 @@ static void *vcpu_thread(void *arg)
 			break;
 		}
 		trace_startup("first-exit");
+		dirty_kvm_vcpu_exit(v->id);
 		if (!vcpu_handle_exit(v)) {
 			vcpu_park(v, true);
 			break;
@@ -878,7 +885,10 @@ void vm_set_incoming(struct vm *vm)
 
 void vm_throttle(struct vm *vm, unsigned pct)
 {
-	vm->throttle_pct = pct > 99 ? 99 : pct;
+	pct = pct > 99 ? 99 : pct;
+	if (vm->throttle_pct == pct)
+		return;
+	vm->throttle_pct = pct;
 	if (pct && vm->vcpus)
 		vm_kick_all(vm);   /* make them look at it */
 }
