@@ -10,4 +10,5 @@ BENCH_TARGETS += bench-all
 bench-all: $(MDVM) $(GUEST)
 	/usr/bin/python3 bench/bench.py --out bench/results.md --docs docs/benchmarks.md
 bench-quick: $(MDVM) $(GUEST)
+	/usr/bin/python3 bench/bench.py --self-test
 	/usr/bin/python3 bench/bench.py --quick --check --out $(B)/bench-quick/results.md

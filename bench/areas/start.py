@@ -128,6 +128,9 @@ def run(b):
            "`-M microvm` (qboot firmware, silent) is QEMU's fastest start and the fair comparison; with `-M pc` "
            "SeaBIOS and the iPXE option ROM run first and print their own text, which is not counted as the "
            "guest's first byte (timing starts after SeaBIOS's `Booting from ROM..`).")
+    t.note("The guest ends with `exit code=0` (a write to port 0x501) rather than `poweroff`: `poweroff` "
+           "waits ~0.1 s for an asynchronous power-off before falling back to that port, and `-M microvm` "
+           "has no power-off port.")
     t.note("mdvm: `build/mdvm run --kernel guest/mdvm-guest.elf --memory 256M --cpus 1 --console stdio "
            "--cmdline 'exit code=0'` with defaults (memory backing auto, balloon on), no control socket; QEMU "
            "likewise has no QMP socket here.")
