@@ -5,9 +5,11 @@
 #   l1-initrd.cpio  busybox, kvm modules, mdvm + its shared libraries, the L2
 #                   kernel (bzImage and the vmlinux inside it, for PVH), L2 initrd
 # Usage: build.sh MDVM_BINARY  (prints the cache directory)
+#        build.sh --fetch       (only fetch and unpack: $cache/vmlinuz, $cache/vmlinux)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-mdvm=$(realpath "$1")
+fetch_only=; [ "${1:-}" = --fetch ] && fetch_only=1
+[ -n "$fetch_only" ] || mdvm=$(realpath "$1")
 cache=${E2E_CACHE:-$here/../../.e2e-cache}
 mkdir -p "$cache/debs"
 cache=$(realpath "$cache")
@@ -43,6 +45,8 @@ assert out[:4] == b"\x7fELF", "payload is not an ELF"
 open("vmlinux", "wb").write(out)
 PY
 fi
+
+[ -z "$fetch_only" ] || { echo "$cache"; exit 0; }
 
 stamp_inputs() { cat "$here"/l2-init "$here"/l1-init "$here"/memcheck.c "$mdvm" "$vmlinuz" | md5sum | cut -c1-32; }
 stamp=$(stamp_inputs)
