@@ -27,6 +27,10 @@ import benchlib  # noqa: E402
 
 AREAS_DIR = os.path.join(BENCH_DIR, "areas")
 GRACE = 15   # seconds an area gets to wrap up after its budget
+# The whole run, areas included, stays inside these (make bench: 20 minutes
+# on 2 cores with the build; make bench-quick: about a minute).
+TOTAL_BUDGET = 1080
+QUICK_TOTAL_BUDGET = 120
 
 
 def discover():
@@ -78,8 +82,8 @@ def run_area(name, quick, json_path, outdir):
     return 0
 
 
-def spawn_area(name, mod, quick, outdir):
-    budget = getattr(mod, "QUICK_BUDGET" if quick else "BUDGET", 60 if quick else 300)
+def spawn_area(name, mod, quick, outdir, left):
+    budget = int(min(getattr(mod, "QUICK_BUDGET" if quick else "BUDGET", 30 if quick else 120), left))
     jdir = tempfile.mkdtemp(prefix="mdvm-bench-json-")
     jpath = os.path.join(jdir, name + ".json")
     args = [sys.executable, os.path.abspath(__file__), "--area", name, "--json", jpath, "--out", outdir]
@@ -300,8 +304,14 @@ def run_all(a, mods, outdir):
         if not hasattr(mod, "run"):
             planned.append((title, getattr(mod, "PLANNED", []), getattr(mod, "WHY", "no benchmark code yet")))
             continue
+        left = t0 + (QUICK_TOTAL_BUDGET if a.quick else TOTAL_BUDGET) - time.monotonic() - GRACE
+        if left < 5:
+            areas.append((name, title, dict(tables=[], seconds=0, budget=0, error=(
+                "the whole run's time budget (%d s) was used up before this area"
+                % (QUICK_TOTAL_BUDGET if a.quick else TOTAL_BUDGET)))))
+            continue
         print("bench: %s ..." % title, file=sys.stderr, flush=True)
-        res = spawn_area(name, mod, a.quick, outdir)
+        res = spawn_area(name, mod, a.quick, outdir, left)
         print("bench: %s: %.1f s%s" % (title, res["seconds"], " (%s)" % res["error"] if res.get("error") else ""),
               file=sys.stderr, flush=True)
         areas.append((name, title, res))

@@ -7,7 +7,7 @@ composition before/after with b.plot(..., kind="bars").
 """
 TITLE = "Balloon"
 ORDER = 80
-BUDGET = 180
+BUDGET = 120
 QUICK_BUDGET = 30
 PLANNED = ["host memory returned by inflating the balloon (MiB) and time to return it",
            "plot: memory composition before/after"]

@@ -7,7 +7,7 @@ mdvm's own counters, b.Mdvm(...).memory() the host's view from smaps.
 """
 TITLE = "memdesc metadata"
 ORDER = 50
-BUDGET = 180
+BUDGET = 90
 QUICK_BUDGET = 30
 PLANNED = ["metadata bytes per GiB of guest RAM (untouched, fully touched, 4 KiB vs 2 MiB folios)"]
 WHY = "no benchmark code yet (memdesc issue)"

@@ -19,8 +19,8 @@ Peer figures to beat: /work/shared/notes/peer-figures.md (never copy them: measu
 """
 TITLE = "Live migration"
 ORDER = 40
-BUDGET = 420
-QUICK_BUDGET = 60
+BUDGET = 300
+QUICK_BUDGET = 45
 PLANNED = ["total time, downtime, bytes sent, MB/s for 1 GiB idle / 1 GiB with 512 MiB data / 4 GiB idle / "
            "1 GiB guest dirtying memory, over unix and tcp", "plot: remaining bytes over time"]
 WHY = "no benchmark code yet (live migration issue)"

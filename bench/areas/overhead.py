@@ -14,8 +14,8 @@ from benchlib import MiB, Mdvm, Qemu, NotMeasured, parse_size, size_label
 
 TITLE = "VMM memory overhead"
 ORDER = 20
-BUDGET = 240
-QUICK_BUDGET = 40
+BUDGET = 120
+QUICK_BUDGET = 30
 
 QEMU_MACHINES = ("microvm", "pc")
 

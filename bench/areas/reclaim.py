@@ -6,7 +6,7 @@ composition before/after with b.plot(..., kind="bars").
 """
 TITLE = "Reclaim and compaction"
 ORDER = 70
-BUDGET = 180
+BUDGET = 120
 QUICK_BUDGET = 30
 PLANNED = ["reclaim rate (MiB/s)", "vCPU pause per compaction step", "plot: memory composition before/after"]
 WHY = "no benchmark code yet (compaction issue)"

@@ -9,8 +9,8 @@ from start import guest_first_byte
 
 TITLE = "Scale"
 ORDER = 30
-BUDGET = 240
-QUICK_BUDGET = 40
+BUDGET = 120
+QUICK_BUDGET = 30
 
 QEMU_MACHINE = "microvm"
 BASE = "256M"   # the small guest the growth per GiB is measured against

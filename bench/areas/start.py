@@ -8,8 +8,8 @@ from benchlib import Mdvm, Qemu, NotMeasured, Proc, now_ns
 
 TITLE = "VM start"
 ORDER = 10
-BUDGET = 240
-QUICK_BUDGET = 40
+BUDGET = 120
+QUICK_BUDGET = 30
 
 MEMORY = "256M"
 CMDLINE = "exit code=0"
