@@ -360,3 +360,27 @@ int dirty_log_take(struct dirty_log *l, uint64_t gfn, uint64_t nr, dirty_run_fn 
 		return fn(opaque, run_start, run_len);
 	return 0;
 }
+
+long dirty_ring_harvest(struct dirty_tracker *t, struct dirty_ring_entry *ring, uint32_t size,
+			uint32_t *fetch, const uint64_t *slot_gfn, uint32_t nslots, bool *overflow)
+{
+	uint32_t found = 0, last = *fetch;
+
+	for (uint32_t k = 0; k < size; k++) {
+		uint32_t pos = (*fetch + k) % size;
+		struct dirty_ring_entry *e = &ring[pos];
+		uint32_t fl = __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE);
+		if (!(fl & DIRTY_RING_F_DIRTY) || (fl & DIRTY_RING_F_RESET))
+			continue;
+		uint32_t id = e->slot & 0xffff;   /* address space in the high half: only 0 is RAM */
+		if ((e->slot >> 16) == 0 && id < nslots && slot_gfn[id] != UINT64_MAX && t)
+			dirty_tracker_record(t, slot_gfn[id] + e->offset, 1);
+		__atomic_store_n(&e->flags, DIRTY_RING_F_RESET, __ATOMIC_RELEASE);
+		found++;
+		last = pos + 1;
+	}
+	*fetch = last % size;
+	if (overflow)
+		*overflow = found >= size;
+	return found;
+}

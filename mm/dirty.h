@@ -41,6 +41,22 @@ void dirty_tracker_record(struct dirty_tracker *t, uint64_t gfn, uint64_t nr);
 void dirty_tracker_record_bitmap(struct dirty_tracker *t, uint64_t gfn, const uint64_t *bits,
 				 uint64_t nbits);
 
+/* A dirty ring as KVM lays it out (struct kvm_dirty_gfn): entries are
+ * pushed in order with DIRTY set; the harvester sets RESET. The whole ring
+ * is scanned, so a producer that overran it (overwriting entries) cannot
+ * desynchronise us; a ring found entirely dirty may have lost entries and
+ * is reported in *overflow: record everything dirty then.
+ * slot_gfn[s] is the first frame of slot s (UINT64_MAX: no such slot). */
+struct dirty_ring_entry {
+	uint32_t flags;
+	uint32_t slot;
+	uint64_t offset;
+};
+#define DIRTY_RING_F_DIRTY 1u
+#define DIRTY_RING_F_RESET 2u
+long dirty_ring_harvest(struct dirty_tracker *t, struct dirty_ring_entry *ring, uint32_t size,
+			uint32_t *fetch, const uint64_t *slot_gfn, uint32_t nslots, bool *overflow);
+
 /* A consumer's view. The first open starts hypervisor logging, the last
  * close stops it. A new log is empty: the consumer copies everything once
  * after opening (frames written meanwhile are in the log). */

@@ -23,6 +23,10 @@
 #include "dirty_kvm.h"
 #include "util.h"
 
+_Static_assert(sizeof(struct dirty_ring_entry) == sizeof(struct kvm_dirty_gfn) &&
+	       DIRTY_RING_F_DIRTY == KVM_DIRTY_GFN_F_DIRTY && DIRTY_RING_F_RESET == KVM_DIRTY_GFN_F_RESET,
+	       "mm's dirty ring entry is KVM's struct kvm_dirty_gfn");
+
 #define MAX_SLOTS   512
 #define MAX_VCPUS   256
 #define RING_ENTRIES 65536          /* 1 MiB per vCPU */
@@ -166,31 +170,20 @@ static void record_all(struct dirty_tracker *t)
 
 static long ring_harvest_locked(struct dirty_tracker *t)
 {
+	uint64_t slot_gfn[MAX_SLOTS];
 	long n = 0;
 	bool overflow = false;
 
+	for (uint32_t id = 0; id < MAX_SLOTS; id++)
+		slot_gfn[id] = dk.slots[id].used ? dk.slots[id].gpa >> 12 : UINT64_MAX;
 	for (int i = 0; i < dk.nrings; i++) {
 		struct ring *r = &dk.rings[i];
-		uint32_t found = 0, last = r->fetch;
+		bool of = false;
 		if (!r->gfns)
 			continue;
-		for (uint32_t k = 0; k < dk.ring_entries; k++) {
-			uint32_t pos = (r->fetch + k) % dk.ring_entries;
-			struct kvm_dirty_gfn *e = &r->gfns[pos];
-			uint32_t fl = __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE);
-			if (!(fl & KVM_DIRTY_GFN_F_DIRTY) || (fl & KVM_DIRTY_GFN_F_RESET))
-				continue;
-			uint32_t id = e->slot & 0xffff;
-			if ((e->slot >> 16) == 0 && id < MAX_SLOTS && dk.slots[id].used && t)
-				dirty_tracker_record(t, (dk.slots[id].gpa >> 12) + e->offset, 1);
-			__atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
-			found++;
-			last = pos + 1;
-		}
-		if (found >= dk.ring_entries)
-			overflow = true;
-		r->fetch = last % dk.ring_entries;
-		n += found;
+		n += dirty_ring_harvest(t, (struct dirty_ring_entry *)r->gfns, dk.ring_entries,
+					&r->fetch, slot_gfn, MAX_SLOTS, &of);
+		overflow |= of;
 	}
 	if (overflow && t) {
 		static bool warned;

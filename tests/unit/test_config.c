@@ -798,7 +798,7 @@ START_TEST(cli_incoming)
 	ck_assert_msg(RUN("--kernel", kernel, "--incoming", "unix:/tmp/m.sock") == 0, "%s", err);
 	ck_assert_str_eq(cfg.incoming, "unix:/tmp/m.sock");
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-		ck_assert_int_eq(RUN("--kernel", kernel, "--incoming", bad[i].uri), -1);
+		ck_assert_int_eq(RUN("--kernel", kernel, "--incoming", (char *)bad[i].uri), -1);
 		ck_assert_str_eq(err, bad[i].msg);
 	}
 }
