@@ -61,7 +61,8 @@ static unsigned check_folios(struct guest_mem *gm, uint64_t g0, uint64_t g1)
 		ck_assert_uint_eq(f->gfn & (folio_nr_pages(f) - 1), 0);
 		ck_assert_uint_eq(f->piece & (folio_nr_pages(f) - 1), 0);
 		for (uint64_t i = 0; i < folio_nr_pages(f); i++)
-			ck_assert_ptr_eq(folio_of(gm, g + i), f);
+			if (folio_of(gm, g + i) != f)
+				ck_abort_msg("gfn %#llx not in its folio", (unsigned long long)(g + i));
 		ck_assert_ptr_eq(mm_pool_piece_owner(gm, f->hpage, f->piece), f);
 		g += folio_nr_pages(f);
 		n++;
