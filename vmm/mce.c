@@ -15,6 +15,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "../mm/dirty.h"
 #include "../mm/mm.h"
 #include "config.h"
 #include "loop.h"
@@ -143,6 +144,11 @@ static int poison_page(struct mce *m, uint64_t gfn)
 	}
 	rc = memdesc_memory_failure(m->gm, gfn);
 	if (memdesc_type(memdesc_lookup(m->gm, gfn)) == MEMDESC_POISONED) {
+		/* Not a guest write, but the page changed: a migration in
+		 * progress must send its new (poisoned) state again. */
+		struct dirty_tracker *t = dirty_tracker_of(m->gm);
+		if (t)
+			dirty_tracker_record(t, gfn, 1);
 		if (rc == -EIO)
 			pr_warn("memory error at GPA 0x%" PRIx64 " hit a reserved (firmware) page",
 				gfn << MM_PAGE_SHIFT);
@@ -822,6 +828,8 @@ void mce_reset(struct mce *m)
 			if (memdesc_type(memdesc_lookup(m->gm, gfn)) != MEMDESC_POISONED)
 				continue;
 			int rc = mm_release_range(m->gm, gfn, 1, MEMDESC_UNBACKED);
+			if (rc == 0 && memdesc_type(memdesc_lookup(m->gm, gfn)) == MEMDESC_POISONED)
+				rc = -EBUSY;   /* mm/ kept it poisoned */
 			if (rc < 0)
 				pr_warn("system reset: cannot replace poisoned page at GPA 0x%" PRIx64 ": %s",
 					gfn << MM_PAGE_SHIFT, strerror(-rc));
