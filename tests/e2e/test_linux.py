@@ -94,3 +94,26 @@ def test_boot_pvh(images):
     run = run_l1(images, "boot-pvh")
     check_boot(run, 3, 384)
     print("L2 PVH boot to power-off: %.1f s" % run.l2exit[1])
+
+
+def test_balloon(images):
+    """virtio-balloon found through ACPI (LNRO0005) by the stock virtio_mmio and
+    virtio_balloon modules; QMP balloon 512M -> 256M -> 512M while the guest
+    reports its memory. (Debian's driver with DEFLATE_ON_OOM keeps MemTotal;
+    the balloon's pages leave MemFree.)"""
+    run = run_l1(images, "balloon")
+    st = {}
+    for line in run.console.splitlines():
+        m = re.match(r"E2E (before|inflated|deflated) actual=(\d+) rss_kb=(\d+) guest=(\d+),(\d+)", line)
+        if m:
+            st[m.group(1)] = dict(actual=int(m.group(2)), rss=int(m.group(3)),
+                                  total=int(m.group(4)), free=int(m.group(5)))
+    run.check(set(st) == {"before", "inflated", "deflated"}, "balloon steps missing: %s" % st)
+    run.check(run.agent.get("ready") == "1", "the L2 agent did not start")
+    b, i, d = st["before"], st["inflated"], st["deflated"]
+    run.check(b["actual"] == 512 << 20 and i["actual"] == 256 << 20 and d["actual"] == 512 << 20,
+              "query-balloon actual: %s" % st)
+    run.check(b["free"] - i["free"] >= 200 * 1024, "guest MemFree did not drop by ~256 MiB: %s" % st)
+    run.check(abs(d["free"] - b["free"]) <= 48 * 1024, "guest MemFree not back after deflate: %s" % st)
+    run.check(i["rss"] <= b["rss"] + 8 * 1024, "mdvm's RSS grew while inflating: %s" % st)
+    print("balloon: %s" % st)
