@@ -402,7 +402,8 @@ static int folio_op_move(struct guest_mem *gm, memdesc_t md, uint64_t gfn, uint3
 		goto out;
 	}
 	uint64_t off = pool_offset(f->hpage, f->piece);
-	void *tmp = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, gm->pool.fd, (off_t)off);
+	void *tmp = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, gm->pool.fd,
+			 (off_t)off);
 	if (tmp == MAP_FAILED) {
 		rc = -errno;
 		goto undo;

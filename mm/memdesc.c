@@ -9,7 +9,7 @@
 #include <sys/mman.h>
 
 #define LEAF_BYTES      (MM_REGION_PAGES * sizeof(memdesc_t))   /* 4 KiB */
-#define LEAVES_PER_CHUNK 64                                      /* 256 KiB mmap */
+#define LEAVES_PER_CHUNK 16                                      /* 64 KiB mmap */
 
 int lazy_array_init(struct lazy_array *a, size_t bytes)
 {

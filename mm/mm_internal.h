@@ -66,7 +66,7 @@ struct hpage {
 	uint32_t *owners;   /* folio id + 1 per piece, for occupants that are not
 			     * home-coloured; NULL while there are none */
 };
-#define HPAGE_CHUNK 512
+#define HPAGE_CHUNK 64
 
 struct mm_pool {
 	enum mm_backing kind;
@@ -82,8 +82,8 @@ struct mm_pool {
 	uint64_t owners_arrays;
 };
 
-/* Folio slab cache: 64 KiB slabs of 2048 descriptors; type-stable. */
-#define FOLIO_SLAB_SHIFT 11
+/* Folio slab cache: 16 KiB slabs of 512 descriptors; type-stable. */
+#define FOLIO_SLAB_SHIFT 9
 #define FOLIO_SLAB_SIZE  (1u << FOLIO_SLAB_SHIFT)
 struct folio_cache {
 	struct folio **slabs;
