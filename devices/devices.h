@@ -28,6 +28,8 @@ void testdev_reset(struct testdev *t);
 int  testdev_post(struct testdev *t, const char *cmd, unsigned timeout_ms,
 		  testdev_done_fn done, void *opaque);
 uint32_t testdev_sweeps(struct testdev *t);
+/* A vCPU is wanted back (pause): end a guest's TESTDEV_WAIT now. */
+void testdev_kick(struct testdev *t);
 
 /* Migration: each device's state as a blob of its own format (starting
  * with a version word). save: bytes written (<= cap) or 0 if cap is too

@@ -26,6 +26,7 @@ struct testdev {
 	size_t resp_len;
 	/* The command in flight (main-loop side). */
 	bool pending;
+	bool kick;             /* wake a guest waiting in TESTDEV_WAIT (vCPU pause) */
 	uint64_t gen;          /* identifies the in-flight command across threads */
 	testdev_done_fn done;
 	void *done_opaque;
@@ -107,6 +108,14 @@ int testdev_post(struct testdev *t, const char *cmd, unsigned timeout_ms,
 	return 0;
 }
 
+void testdev_kick(struct testdev *t)
+{
+	pthread_mutex_lock(&t->lock);
+	t->kick = true;
+	pthread_cond_broadcast(&t->cmd_cond);
+	pthread_mutex_unlock(&t->lock);
+}
+
 uint32_t testdev_sweeps(struct testdev *t)
 {
 	uint32_t v;
@@ -145,9 +154,10 @@ static uint32_t testdev_wait(struct testdev *t)
 		ts.tv_sec++;
 		ts.tv_nsec -= 1000000000L;
 	}
-	while (t->cmd_seq == t->ack_seq)
+	while (t->cmd_seq == t->ack_seq && !t->kick)
 		if (pthread_cond_timedwait(&t->cmd_cond, &t->lock, &ts) == ETIMEDOUT)
 			break;
+	t->kick = false;
 	return t->cmd_seq;
 }
 

@@ -450,6 +450,9 @@ static void vcpu_kick_handler(int sig) { (void)sig; }
 
 static void vm_kick_all(struct vm *vm)
 {
+	/* A vCPU blocked in the test device's wait is not in KVM_RUN: wake it. */
+	if (vm->testdev)
+		testdev_kick(vm->testdev);
 	for (int i = 0; i < vm->ncpus; i++) {
 		__atomic_store_n(&vm->vcpus[i].run->immediate_exit, 1, __ATOMIC_SEQ_CST);
 		if (vm->vcpus[i].started)
