@@ -173,7 +173,10 @@ void folio_put(struct folio *f);
 /* Owner operations: every memdesc type has a table. The generic entry points
  * below find the owner of any guest frame and call its operation; they are
  * what migration, compaction, balloon and memory-failure code go through.
- * Return 0 or -errno. */
+ * Return 0 or -errno. The generic entry points call move, memory_failure and
+ * release with the guest_mem lock held, mark_dirty without (lock-free).
+ * Never call them (or anything that takes the lock) while holding a folio
+ * reference. Per-type behaviour: docs/memdesc.md. */
 #define MM_HPAGE_ANY UINT32_MAX
 struct memdesc_ops {
 	const char *name;
