@@ -113,7 +113,9 @@ def run(b):
     t.note("Growth per GiB: (private VMM memory with the big guest − with a %s guest, same VMM, same "
            "run) ÷ the difference in guest RAM: what each further GiB of guest RAM costs the host in VMM "
            "metadata (mdvm: memdesc tables, folio and pool state; QEMU under TCG: its per-page dirty and "
-           "code bitmaps, which exist from the start)." % size_label(parse_size(BASE)))
+           "code bitmaps, which exist from the start). smaps counts whole 4 KiB pages and a few come and go "
+           "between runs, so expect ±4 KiB ÷ the size difference as noise (±4 bytes/GiB at 1 TiB), "
+           "negative values included." % size_label(parse_size(BASE)))
     t.note("mdvm: `build/mdvm run --memory %s --cmdline idle --control SOCK --console stdio` (defaults)." % size)
     t.note("QEMU: `-accel tcg -M %s -m %s -object memory-backend-ram,id=mem,size=%s,reserve=off "
            "-machine memory-backend=mem ...`: a plain `-m 1T` fails here (`cannot set up guest memory "
