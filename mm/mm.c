@@ -256,30 +256,31 @@ static int slots_setup(struct guest_mem *gm, char *err, size_t errlen)
 	for (size_t i = 0; i < gm->nranges; i++) {
 		uint64_t s = gm->ranges[i].gpa, end = s + gm->ranges[i].size;
 		if (!gm->lazy_slots) {
-			gm->slots[gm->nslots++] = (struct mm_slot){ s, end - s, false };
+			gm->slots[gm->nslots++] = (struct mm_slot){ .gpa = s, .size = end - s };
 			continue;
 		}
 		while (s < end) {
 			uint64_t e = (s & ~(SLOT_CHUNK - 1)) + SLOT_CHUNK;
 			if (e > end)
 				e = end;
-			gm->slots[gm->nslots++] = (struct mm_slot){ s, e - s, false };
+			gm->slots[gm->nslots++] = (struct mm_slot){ .gpa = s, .size = e - s };
 			s = e;
 		}
 	}
 	return 0;
 }
 
+/* Under slot_lock (or during creation). */
 static int slot_register(struct guest_mem *gm, uint32_t i)
 {
 	struct mm_slot *s = &gm->slots[i];
-	if (s->registered)
+	if (atomic_load(&s->registered))
 		return 0;
 	if (gm->ops && gm->ops->set_region &&
 	    gm->ops->set_region(gm->opaque, i, s->gpa, s->size, gm->base + s->gpa, false) < 0)
 		return -(errno ? errno : EIO);
-	s->registered = true;
-	gm->slots_registered++;
+	atomic_store(&s->registered, true);
+	atomic_fetch_add(&gm->slots_registered, 1);
 	return 0;
 }
 
@@ -299,39 +300,66 @@ static int slot_index(const struct guest_mem *gm, uint64_t gpa)
 	return -1;
 }
 
-void slot_ensure_locked(struct guest_mem *gm, uint64_t gpa)
+void slot_mark_needed(struct guest_mem *gm, uint64_t gpa)
 {
 	if (!gm->lazy_slots)
 		return;
 	int i = slot_index(gm, gpa);
-	if (i >= 0 && !gm->slots[i].registered) {
-		int rc = slot_register(gm, (uint32_t)i);
+	if (i >= 0 && !atomic_load(&gm->slots[i].registered) && !atomic_load(&gm->slots[i].pending)) {
+		atomic_store(&gm->slots[i].pending, true);
+		atomic_store(&gm->slots_pending, true);
+	}
+}
+
+static bool on_uffd_thread(struct guest_mem *gm)
+{
+	return gm->uffd_running && pthread_equal(pthread_self(), gm->uffd_thread);
+}
+
+/* Register the slots populated RAM needs. Call without gm->lock. */
+static void slots_flush(struct guest_mem *gm)
+{
+	if (!gm->lazy_slots || !atomic_load(&gm->slots_pending) || on_uffd_thread(gm))
+		return;
+	pthread_mutex_lock(&gm->slot_lock);
+	atomic_store(&gm->slots_pending, false);
+	for (uint32_t i = 0; i < gm->nslots; i++) {
+		if (!atomic_load(&gm->slots[i].pending))
+			continue;
+		atomic_store(&gm->slots[i].pending, false);
+		int rc = slot_register(gm, i);
 		if (rc)
-			mm_log(gm, "registering memslot %d [0x%llx+0x%llx): %s", i,
+			mm_log(gm, "registering memslot %u [0x%llx+0x%llx): %s", i,
 			       (unsigned long long)gm->slots[i].gpa,
 			       (unsigned long long)gm->slots[i].size, strerror(-rc));
 	}
+	pthread_mutex_unlock(&gm->slot_lock);
+}
+
+static bool slot_register_at(struct guest_mem *gm, uint64_t gpa)
+{
+	int i = slot_index(gm, gpa);
+	if (i < 0 || atomic_load(&gm->slots[i].registered))
+		return false;
+	pthread_mutex_lock(&gm->slot_lock);
+	bool created = !atomic_load(&gm->slots[i].registered) && slot_register(gm, (uint32_t)i) == 0;
+	pthread_mutex_unlock(&gm->slot_lock);
+	return created;
 }
 
 bool mm_ensure_slot(struct guest_mem *gm, uint64_t gpa)
 {
-	if (!gm->lazy_slots)
+	if (!gm->lazy_slots || on_uffd_thread(gm))
 		return false;
-	pthread_mutex_lock(&gm->lock);
-	int i = slot_index(gm, gpa);
-	bool created = i >= 0 && !gm->slots[i].registered && slot_register(gm, (uint32_t)i) == 0;
-	pthread_mutex_unlock(&gm->lock);
-	return created;
+	return slot_register_at(gm, gpa);
 }
 
 bool mm_handle_mmio(struct guest_mem *gm, uint64_t gpa, uint8_t *data, uint32_t len, bool is_write)
 {
 	if (!gm->lazy_slots || !len || !all_ram(gm, gpa, len))
 		return false;
-	pthread_mutex_lock(&gm->lock);
-	slot_ensure_locked(gm, gpa);
-	slot_ensure_locked(gm, gpa + len - 1);
-	pthread_mutex_unlock(&gm->lock);
+	slot_register_at(gm, gpa);
+	slot_register_at(gm, gpa + len - 1);
 	int rc = is_write ? mm_write(gm, gpa, data, len) : mm_read(gm, gpa, data, len);
 	if (rc < 0 && !is_write)
 		memset(data, 0xff, len);
@@ -390,7 +418,7 @@ static int populate_one(struct guest_mem *gm, uint64_t gfn, unsigned order,
 	}
 	mdt_set_range(gm, gfn, 1ULL << order, memdesc_make(owner, f));
 	gm->folios[order]++;
-	slot_ensure_locked(gm, gfn << MM_PAGE_SHIFT);
+	slot_mark_needed(gm, gfn << MM_PAGE_SHIFT);
 	if (newmap) {
 		/* hugetlb: the whole 2 MiB region gets mapped, so every
 		 * never-touched page of it gets its folio too (before the map). */
@@ -463,6 +491,7 @@ int mm_populate(struct guest_mem *gm, uint64_t gfn, uint64_t nr, int order)
 	pthread_mutex_lock(&gm->lock);
 	int rc = populate_locked(gm, gfn, nr, order_arg(gm, order), MEMDESC_FOLIO);
 	pthread_mutex_unlock(&gm->lock);
+	slots_flush(gm);
 	return rc;
 }
 
@@ -534,6 +563,7 @@ struct guest_mem *mm_create(const struct mm_config *cfg, const struct mm_hv_ops 
 	gm->pool.fd = -1;
 	atomic_store(&gm->dirty_gen, 1);
 	pthread_mutex_init(&gm->lock, NULL);
+	pthread_mutex_init(&gm->slot_lock, NULL);
 	unsigned fp = cfg->fault_pages ? cfg->fault_pages : MM_REGION_PAGES;
 	gm->fault_order = 0;
 	while ((1u << (gm->fault_order + 1)) <= fp && gm->fault_order < MM_MAX_ORDER)
@@ -627,6 +657,7 @@ struct guest_mem *mm_create(const struct mm_config *cfg, const struct mm_hv_ops 
 			}
 		}
 	}
+	slots_flush(gm);
 	if (!cfg->quiet)
 		mm_log(gm, "backing: %s (%s)", mm_backing_name(gm->backing), gm->note);
 	return gm;
@@ -656,6 +687,7 @@ void mm_destroy(struct guest_mem *gm)
 			       read_long(HP_SYSFS "nr_hugepages"));
 	}
 	pthread_mutex_destroy(&gm->lock);
+	pthread_mutex_destroy(&gm->slot_lock);
 	free(gm);
 }
 
@@ -693,6 +725,7 @@ void *mm_gpa_to_hva(struct guest_mem *gm, uint64_t gpa, uint64_t len)
 	pthread_mutex_lock(&gm->lock);
 	int rc = populate_locked(gm, g0, g1 - g0 + 1, gm->fault_order, MEMDESC_FOLIO);
 	pthread_mutex_unlock(&gm->lock);
+	slots_flush(gm);
 	if (rc)
 		return NULL;
 	return gm->base + gpa;
@@ -757,6 +790,7 @@ int mm_write(struct guest_mem *gm, uint64_t gpa, const void *buf, size_t len)
 			pthread_mutex_lock(&gm->lock);
 			int rc = populate_locked(gm, gfn, 1, gm->fault_order, MEMDESC_FOLIO);
 			pthread_mutex_unlock(&gm->lock);
+			slots_flush(gm);
 			if (rc) {
 				errno = -rc;
 				return -1;
@@ -824,6 +858,7 @@ int mm_mark_reserved(struct guest_mem *gm, uint64_t gpa, uint64_t len)
 	if (!rc)
 		rc = populate_locked(gm, lo, hi - lo, MM_MAX_ORDER, MEMDESC_RESERVED);
 	pthread_mutex_unlock(&gm->lock);
+	slots_flush(gm);
 	if (rc) {
 		errno = -rc;
 		return -1;
@@ -872,7 +907,7 @@ void mm_query_stats(struct guest_mem *gm, struct mm_stats *st)
 	st->metadata_bytes = st->memdesc_bytes + st->folio_bytes + st->pool_bytes +
 			     sizeof(*gm) + gm->nslots * sizeof(struct mm_slot);
 	st->faults = atomic_load(&gm->faults);
-	st->slots_registered = gm->slots_registered;
+	st->slots_registered = atomic_load(&gm->slots_registered);
 	st->slots_total = gm->nslots;
 	st->dirty_gen = atomic_load(&gm->dirty_gen);
 	pthread_mutex_unlock(&gm->lock);

@@ -94,7 +94,8 @@ struct folio_cache {
 
 struct mm_slot {
 	uint64_t gpa, size;
-	bool registered;
+	_Atomic bool registered;  /* changed under slot_lock only */
+	_Atomic bool pending;     /* populated RAM in it: register soon */
 };
 
 struct guest_mem {
@@ -115,8 +116,15 @@ struct guest_mem {
 	struct folio_cache fc;
 	struct mm_pool pool;
 
+	/* Memslots are registered under slot_lock, never under gm->lock and
+	 * never on the uffd thread: KVM_SET_USER_MEMORY_REGION waits for an
+	 * SRCU grace period, and a vCPU blocked in a userfaultfd fault is inside
+	 * KVM's SRCU read section, waiting for the uffd thread. */
+	pthread_mutex_t slot_lock;
 	struct mm_slot *slots;
-	uint32_t nslots, slots_registered;
+	uint32_t nslots;
+	_Atomic uint32_t slots_registered;
+	_Atomic bool slots_pending;
 	bool lazy_slots;
 
 	int uffd, stop_fd;
@@ -193,6 +201,6 @@ int  release_range_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
 			  enum memdesc_type new_type);
 int  populate_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr, unsigned order_max,
 		     enum memdesc_type owner);
-void slot_ensure_locked(struct guest_mem *gm, uint64_t gpa);
+void slot_mark_needed(struct guest_mem *gm, uint64_t gpa);   /* under gm->lock */
 
 #endif

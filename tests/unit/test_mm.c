@@ -635,6 +635,11 @@ START_TEST(test_one_tebibyte)
 	ck_assert_uint_eq(st.folios[9], 32);
 	ck_assert_uint_eq(st.populated_bytes, 64 * MiB);
 	ck_assert_uint_lt(st.metadata_bytes, 512 * 1024);
+	/* the uffd thread never registers memslots (KVM would wait for vCPUs
+	 * blocked on it); a vCPU's MMIO exit or any other caller does */
+	ck_assert_uint_eq(st.slots_registered, 1);
+	ck_assert(mm_ensure_slot(gm, 600 * GiB));
+	mm_query_stats(gm, &st);
 	ck_assert_uint_eq(st.slots_registered, 2);
 	stats_sane(gm, &st, (1ULL << 40) / PG + GiB / PG);
 	mm_destroy(gm);
