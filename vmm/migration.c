@@ -433,8 +433,10 @@ static int send_blob_section(struct mig_out *o, uint32_t type, const void *hdr, 
 	uint8_t *b = mig_out_begin(o, hlen + len);
 	if (!b)
 		return mig_out_error(o) ? mig_out_error(o) : -EMSGSIZE;
-	memcpy(b, hdr, hlen);
-	memcpy(b + hlen, p, len);
+	if (hlen)
+		memcpy(b, hdr, hlen);
+	if (len)
+		memcpy(b + hlen, p, len);
 	return mig_out_commit(o, type, hlen + len);
 }
 
@@ -507,6 +509,10 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 	    (rc = send_blob_section(s.o, MIG_SEC_CONFIG, &cfg, sizeof(cfg), NULL, 0)))
 		goto io_fail;
 
+	if (vmstate_prepare(vm, err, errlen) < 0) {
+		rc = -1;
+		goto out;
+	}
 	log = dirty_log_open(t, err, errlen);
 	if (!log) {
 		rc = -1;
@@ -596,6 +602,7 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 		goto out;
 	}
 	stopped = true;
+	uint64_t t_stopped = monotonic_ns();
 	vm_throttle(vm, 0);
 	loop_call(emit_main, xstrdup("STOP"));
 	set_status(MIG_DEVICE);
@@ -605,8 +612,10 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 		rc = -1;
 		goto out;
 	}
+	uint64_t t_synced = monotonic_ns();
 	if ((rc = send_dirty(&s, log)))
 		goto io_fail;
+	uint64_t t_rest = monotonic_ns();
 	{
 		struct blob b = { 0 };
 		uint32_t idx;
@@ -647,16 +656,23 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 		if (rc)
 			goto io_fail;
 	}
+	uint64_t t_sent_state = monotonic_ns();
 	struct mig_end end = { .sections = mig_out_sections(s.o), .ram_pages = s.ram_pages,
 			       .data_pages = s.data_pages, .ncpus = (uint32_t)vm_ncpus(vm) };
 	if ((rc = send_blob_section(s.o, MIG_SEC_END, &end, sizeof(end), NULL, 0)) ||
 	    (rc = mig_out_flush(s.o)))
 		goto io_fail;
 	stats_update(&s, NULL);
+	uint64_t t_flushed = monotonic_ns();
 	if (wait_ack(fd, err, errlen) < 0) {
 		rc = -1;
 		goto out;
 	}
+	if (getenv("MDVM_MIG_DEBUG"))
+		pr_info("downtime: stop %.2f, sync %.2f, rest %.2f, state %.2f, end+flush %.2f, ack %.2f ms",
+			(t_stopped - stop_t0) / 1e6, (t_synced - t_stopped) / 1e6, (t_rest - t_synced) / 1e6,
+			(t_sent_state - t_rest) / 1e6, (t_flushed - t_sent_state) / 1e6,
+			(monotonic_ns() - t_flushed) / 1e6);
 	pthread_mutex_lock(&mig.lock);
 	mig.downtime_ns = monotonic_ns() - stop_t0;
 	mig.iterations = iterations;
@@ -1154,7 +1170,9 @@ static void *incoming_thread(void *arg)
 		loop_call(incoming_fail_main, vm);
 		return NULL;
 	}
-	sock_tune(fd, AF_UNIX);
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	sock_tune(fd, getsockname(fd, (struct sockaddr *)&ss, &sl) == 0 ? ss.ss_family : AF_UNIX);
 	loop_call(emit_status_main, xstrdup("active"));
 	int rc = incoming_receive(vm, fd, err, sizeof(err));
 	uint32_t ack = rc == 0 ? MIG_ACK_OK : MIG_ACK_FAIL;

@@ -89,6 +89,11 @@ out:
 	return rc;
 }
 
+int vmstate_prepare(struct vm *vm, char *err, size_t errlen)
+{
+	return msr_list_init(vm, vm_vcpu_fd(vm, 0), err, errlen);
+}
+
 int vmstate_save_vcpu(struct vm *vm, int index, struct blob *b, char *err, size_t errlen)
 {
 	int fd = vm_vcpu_fd(vm, index);
