@@ -421,6 +421,8 @@ static int folio_op_move(struct guest_mem *gm, memdesc_t md, uint64_t gfn, uint3
 	f->hpage = nw.hpage;
 	f->piece = nw.piece;
 	pool_update_owner(gm, f);
+	if (gm->backing == MM_BACKING_HUGETLB)
+		pool_hpage(&gm->pool, f->hpage)->mapped = 1;
 	goto out;
 undo:
 	pool_unplace(gm, f, true);

@@ -525,14 +525,50 @@ int release_range_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
 		enum memdesc_type t = memdesc_type(mdt_get(&gm->md, g));
 		if ((t != MEMDESC_UNBACKED && t != MEMDESC_BALLOONED) || t == new_type)
 			continue;
-		if (gm->backing == MM_BACKING_HUGETLB && new_type == MEMDESC_UNBACKED &&
-		    *((uint32_t *)gm->pool.home.p + (g >> REGION_SHIFT))) {
+		struct hpage *home = gm->backing == MM_BACKING_HUGETLB
+			? pool_region_home(gm, g >> REGION_SHIFT, NULL) : NULL;
+		if (home && home->mapped && new_type == MEMDESC_UNBACKED) {
 			ret = -EOPNOTSUPP;   /* inside a still mapped hugetlb region */
 			continue;
 		}
 		mdt_set_range(gm, g, 1, memdesc_make(new_type, NULL));
 	}
 	return ret;
+}
+
+long mm_unpoison_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
+{
+	uint64_t end = gfn + nr;
+	long n = 0;
+	int rc = 0;
+	pthread_mutex_lock(&gm->lock);
+	if (end > gm->md.npages)
+		end = gm->md.npages;
+	for (uint64_t g = gfn; g < end && !rc; g++) {
+		if (memdesc_type(mdt_get(&gm->md, g)) != MEMDESC_POISONED || !gfn_is_ram(gm, g))
+			continue;
+		mdt_set_range(gm, g, 1, memdesc_make(MEMDESC_UNBACKED, NULL));
+		n++;
+		if (gm->backing != MM_BACKING_HUGETLB) {
+			/* A fresh placeholder (or MADV_DONTNEED, which drops the
+			 * poison marker): the next touch faults in new memory. The
+			 * failed host piece stays quarantined. */
+			rc = unmap_range(gm, g, 1);
+			continue;
+		}
+		/* hugetlb: the 2 MiB page stays; give the piece back, zeroed. */
+		uint32_t idx;
+		struct hpage *h = pool_region_home(gm, g >> REGION_SHIFT, &idx);
+		bool mapped = h && h->mapped;
+		if (h)
+			pool_unquarantine(gm, idx, g & (MM_REGION_PAGES - 1));
+		if (mapped) {
+			memset(gm->base + (g << MM_PAGE_SHIFT), 0, MM_PAGE_SIZE);
+			rc = populate_locked(gm, g, 1, 0, MEMDESC_FOLIO);
+		}
+	}
+	pthread_mutex_unlock(&gm->lock);
+	return rc ? rc : n;
 }
 
 int mm_release_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr, enum memdesc_type new_type)

@@ -207,6 +207,13 @@ int mm_populate(struct guest_mem *gm, uint64_t gfn, uint64_t nr, int order);
  * frames become new_type (UNBACKED or BALLOONED). */
 int mm_release_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr, enum memdesc_type new_type);
 
+/* Replace the poisoned frames of [gfn, gfn+nr) with fresh never-touched RAM
+ * (system reset, as QEMU does): they read as zero and get new host memory on
+ * the next touch; the failed host pieces stay quarantined (hugetlb: the
+ * piece is zeroed and reused — the 2 MiB page cannot be replaced 4 KiB at a
+ * time). Release/balloon never do this. Returns frames replaced or -errno. */
+long mm_unpoison_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr);
+
 /* Split the folio containing gfn into folios of new_order (< its order).
  * -EBUSY if it is referenced, -EINVAL if no folio / bad order. */
 int folio_split(struct guest_mem *gm, uint64_t gfn, unsigned new_order);

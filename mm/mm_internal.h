@@ -63,6 +63,7 @@ struct hpage {
 	uint16_t nr_used;
 	uint16_t nr_bad;    /* quarantined (memory failure): never reused */
 	uint8_t  live;      /* set up (fallocated / mapped); 0 = empty, reusable */
+	uint8_t  mapped;    /* hugetlb: mapped whole at its home region's GPA */
 	uint32_t *owners;   /* folio id + 1 per piece, for occupants that are not
 			     * home-coloured; NULL while there are none */
 };
@@ -178,6 +179,9 @@ int  pool_place(struct guest_mem *gm, struct folio *f, uint32_t want, uint32_t a
 		bool *new_region_map);
 void pool_unplace(struct guest_mem *gm, struct folio *f, bool punch);
 void pool_quarantine(struct guest_mem *gm, uint32_t hpage, unsigned piece);
+void pool_unquarantine(struct guest_mem *gm, uint32_t hpage, unsigned piece);
+/* hugetlb: the home hugepage of guest region r (NULL if none). */
+struct hpage *pool_region_home(struct guest_mem *gm, uint64_t region, uint32_t *idx);
 void pool_update_owner(struct guest_mem *gm, struct folio *f);
 uint64_t pool_offset(uint32_t hpage, unsigned piece);
 uint64_t pool_bytes(const struct mm_pool *p);

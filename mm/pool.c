@@ -212,6 +212,7 @@ static void hpage_release(struct guest_mem *gm, uint32_t idx, struct hpage *h)
 		p->owners_arrays--;
 	}
 	h->live = 0;
+	h->mapped = 0;
 	h->region = NO_REGION;
 	p->live--;
 	if (pool_is_fd(p)) {
@@ -336,6 +337,8 @@ int pool_place(struct guest_mem *gm, struct folio *f, uint32_t want, uint32_t av
 		h = pool_hpage(p, idx);
 		if (block_free(h, colour, n)) {
 			piece = (int)colour;
+			/* hugetlb: a home kept (quarantined piece) but unmapped */
+			*new_region_map = p->kind == MM_BACKING_HUGETLB && !h->mapped;
 			goto found;
 		}
 		if (p->kind == MM_BACKING_HUGETLB)
@@ -421,6 +424,19 @@ void pool_quarantine(struct guest_mem *gm, uint32_t hpage, unsigned piece)
 	}
 }
 
+/* A quarantined piece given back (hugetlb unpoison: the simulated failure
+ * did not really lose the 2 MiB page). */
+void pool_unquarantine(struct guest_mem *gm, uint32_t hpage, unsigned piece)
+{
+	struct hpage *h = pool_hpage(&gm->pool, hpage);
+	if (!h || !h->nr_bad || !(h->used[piece / 64] >> (piece % 64) & 1))
+		return;
+	block_set(h, piece, 1, false);
+	h->nr_bad--;
+	if (h->nr_used == 0 && h->nr_bad == 0 && !h->mapped)
+		hpage_release(gm, hpage, h);
+}
+
 uint64_t pool_bytes(const struct mm_pool *p)
 {
 	return p->nchunks * sizeof(void *) + p->chunks_alloced * HPAGE_CHUNK * sizeof(struct hpage) +
@@ -453,6 +469,8 @@ int map_folio(struct guest_mem *gm, struct folio *f, bool new_region_map)
 			if (mmap(gm->base + rgpa, HPAGE_SIZE, PROT_READ | PROT_WRITE,
 				 MAP_SHARED | MAP_FIXED, p->fd, (off_t)pool_offset(f->hpage, 0)) == MAP_FAILED)
 				rc = -errno;
+			else
+				pool_hpage(p, f->hpage)->mapped = 1;
 		}
 		break;
 	case MM_BACKING_MEMFD:
@@ -472,9 +490,27 @@ int map_folio(struct guest_mem *gm, struct folio *f, bool new_region_map)
 	return rc;
 }
 
+struct hpage *pool_region_home(struct guest_mem *gm, uint64_t region, uint32_t *idx)
+{
+	uint32_t home = home_get(&gm->pool, region);
+	if (!home)
+		return NULL;
+	if (idx)
+		*idx = home - 1;
+	return pool_hpage(&gm->pool, home - 1);
+}
+
 int unmap_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
 {
 	uint64_t gpa = gfn << MM_PAGE_SHIFT, len = nr << MM_PAGE_SHIFT;
+	if (gm->pool.kind == MM_BACKING_HUGETLB) {
+		/* whole regions only */
+		for (uint64_t r = gfn >> REGION_SHIFT; r < (gfn + nr + MM_REGION_PAGES - 1) >> REGION_SHIFT; r++) {
+			struct hpage *h = pool_region_home(gm, r, NULL);
+			if (h)
+				h->mapped = 0;
+		}
+	}
 	if (gm->pool.fd < 0) {
 		madvise(gm->base + gpa, len, MADV_DONTNEED);
 		return gm->uffd >= 0 ? uffd_register_range(gm, gpa, len) : 0;

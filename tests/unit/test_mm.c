@@ -6,6 +6,8 @@
 #include <check.h>
 #include <errno.h>
 #include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -558,6 +560,61 @@ START_TEST(test_memory_failure)
 }
 END_TEST
 
+static sigjmp_buf bus_jmp;
+static volatile int bus_code;
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+	bus_code = si->si_code;
+	siglongjmp(bus_jmp, 1);
+}
+
+/* Touching a poisoned page is a SIGBUS (as KVM gives a vCPU); a system
+ * reset replaces it with fresh memory. */
+START_TEST(test_unpoison)
+{
+	struct guest_mem *gm = mk(16 * MiB, backings[_i], 0, 0);
+	uint64_t g0 = 6 * MiB / PG;
+	volatile uint8_t *base = mm_guest_base(gm);
+	for (unsigned i = 0; i < 512; i++)
+		base[(g0 + i) * PG] = (uint8_t)(i + 1);
+	uint32_t hp = folio_of(gm, g0)->hpage;
+	ck_assert_int_eq(memdesc_memory_failure(gm, g0 + 5), 0);
+
+	struct sigaction sa = { .sa_sigaction = on_sigbus, .sa_flags = SA_SIGINFO }, old;
+	sigaction(SIGBUS, &sa, &old);
+	bus_code = 0;
+	if (sigsetjmp(bus_jmp, 1) == 0)
+		(void)base[(g0 + 5) * PG];
+	sigaction(SIGBUS, &old, NULL);
+	/* BUS_MCEERR_AR with CONFIG_MEMORY_FAILURE, else BUS_ADRERR (this host) */
+	ck_assert_msg(bus_code == BUS_MCEERR_AR || bus_code == BUS_ADRERR, "si_code %d", bus_code);
+
+	/* release/balloon leave it poisoned; unpoison replaces it */
+	ck_assert_int_eq(mm_release_range(gm, g0 + 5, 1, MEMDESC_UNBACKED), 0);
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g0 + 5)), MEMDESC_POISONED);
+	ck_assert_int_eq(mm_unpoison_range(gm, g0, 512), 1);
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g0 + 5)), MEMDESC_UNBACKED);
+	uint8_t b = 0xff;
+	ck_assert_int_eq(mm_read(gm, (g0 + 5) * PG, &b, 1), 0);
+	ck_assert_uint_eq(b, 0);
+	ck_assert_uint_eq(base[(g0 + 5) * PG], 0);   /* fresh page, first touch */
+	base[(g0 + 5) * PG] = 0x77;
+	struct folio *f = folio_of(gm, g0 + 5);
+	ck_assert_ptr_nonnull(f);
+	ck_assert_ptr_eq(mm_pool_piece_owner(gm, f->hpage, f->piece), f);
+	ck_assert_uint_eq(base[(g0 + 6) * PG], 7);
+	struct mm_hpage_info hi;
+	ck_assert_int_eq(mm_pool_hpage_info(gm, hp, &hi), 0);
+	if (mm_backing(gm) == MM_BACKING_MEMFD) {
+		ck_assert_uint_eq(hi.nr_bad, 1);   /* the failed piece is not reused */
+		ck_assert(f->hpage != hp || f->piece != 5);
+	}
+	ck_assert_int_eq(mm_unpoison_range(gm, 0, 16 * MiB / PG), 0);
+	check_folios(gm, 0, 16 * MiB / PG);
+	mm_destroy(gm);
+}
+END_TEST
+
 START_TEST(test_owner_ops)
 {
 	for (int t = 0; t < MEMDESC_NR_TYPES; t++) {
@@ -678,6 +735,21 @@ START_TEST(test_hugetlb)
 	base[4 * MiB] = 1;
 	ck_assert_int_eq(memdesc_move(gm, 4 * MiB / PG, MM_HPAGE_ANY), 0);
 	ck_assert_uint_eq(base[4 * MiB], 1);
+	/* poison keeps the region's hugepage (quarantine) even when the rest is
+	 * released; touching the region again maps it again */
+	ck_assert_int_eq(memdesc_memory_failure(gm, 4 * MiB / PG + 3), 0);
+	ck_assert_int_eq(mm_release_range(gm, 4 * MiB / PG, 512, MEMDESC_UNBACKED), 0);
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, 4 * MiB / PG + 3)), MEMDESC_POISONED);
+	ck_assert_uint_eq(base[4 * MiB + 8 * PG], 0);
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, 4 * MiB / PG + 8)), MEMDESC_FOLIO);
+	base[4 * MiB + 8 * PG] = 5;
+	ck_assert_int_eq(mm_unpoison_range(gm, 4 * MiB / PG, 512), 1);
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, 4 * MiB / PG + 3)), MEMDESC_FOLIO);
+	ck_assert_uint_eq(base[4 * MiB + 3 * PG], 0);
+	ck_assert_uint_eq(base[4 * MiB + 8 * PG], 5);
+	for (uint64_t g = 4 * MiB / PG; g < 6 * MiB / PG; g++)
+		ck_assert_ptr_nonnull(folio_of(gm, g));
+	check_folios(gm, 0, 8 * MiB / PG);
 	mm_destroy(gm);
 }
 END_TEST
@@ -752,6 +824,7 @@ Suite *mm_suite(void)
 	tcase_add_loop_test(tc, test_move, 0, 3);
 	tcase_add_loop_test(tc, test_release_balloon, 0, 3);
 	tcase_add_loop_test(tc, test_memory_failure, 0, 3);
+	tcase_add_loop_test(tc, test_unpoison, 0, 3);
 	tcase_add_test(tc, test_owner_ops);
 	tcase_add_test(tc, test_lazy_slots);
 	tcase_add_test(tc, test_one_tebibyte);

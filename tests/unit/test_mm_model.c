@@ -195,7 +195,7 @@ static void run_model(enum mm_backing backing, unsigned seed, unsigned steps, un
 		uint8_t v = (uint8_t)(1 + rnd(&seed, 255));
 		const char *op = "?";
 		int rc;
-		switch (rnd(&seed, 11)) {
+		switch (rnd(&seed, 12)) {
 		case 0:   /* mdvm writes a byte */
 			op = "write";
 			rc = mm_write(gm, g * PG, &v, 1);
@@ -250,7 +250,7 @@ static void run_model(enum mm_backing backing, unsigned seed, unsigned steps, un
 		}
 		case 7:
 			op = "poison";
-			if (rnd(&seed, 4))
+			if (rnd(&seed, 3))
 				break;   /* keep poison rare */
 			rc = memdesc_memory_failure(gm, g);
 			if (!is_ram(g)) {
@@ -295,6 +295,18 @@ static void run_model(enum mm_backing backing, unsigned seed, unsigned steps, un
 				m.type[x] = MEMDESC_RESERVED;
 			}
 			break;
+		case 11: { /* system reset: poisoned -> fresh */
+			op = "unpoison";
+			long want = 0;
+			for (uint64_t x = g; x < end; x++)
+				if (m.type[x] == MEMDESC_POISONED && is_ram(x)) {
+					m.type[x] = MEMDESC_UNBACKED;
+					zero_page(&m, x);
+					want++;
+				}
+			ck_assert_int_eq(mm_unpoison_range(gm, g, n), want);
+			break;
+		}
 		case 10:
 			op = "dirty";
 			rc = memdesc_mark_dirty(gm, g);
