@@ -19,7 +19,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <linux/sockios.h>
 #include <sys/un.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -591,6 +593,15 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 		if ((rc = send_dirty(&s, log)))
 			goto io_fail;
 		iterations++;
+	}
+
+	/* Let the destination drain what the socket still holds (up to its
+	 * buffers: milliseconds at these rates) before the clock of the
+	 * downtime starts. */
+	for (int i = 0, q; i < 500; i++) {
+		if (ioctl(fd, SIOCOUTQ, &q) < 0 || q < (64 << 10) || atomic_load(&mig.cancel))
+			break;
+		usleep(1000);
 	}
 
 	/* Stop and copy. */
