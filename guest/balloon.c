@@ -177,8 +177,18 @@ static int inflate(unsigned n)
 	uint64_t p = bal_low;
 	unsigned k = 0;
 
-	while (k < n && (p = ram_page_below(p)) != 0)
+	while (k < n && (p = ram_page_below(p)) != 0) {
+		/* The rest of this RAM entry without another map search. */
+		uint64_t lo = p;
+		for (unsigned i = 0; i < map_n; i++)
+			if (map[i].type == E820_RAM && p >= map[i].addr && p < map[i].addr + map[i].size)
+				lo = map[i].addr > floor_addr ? map[i].addr : floor_addr;
 		pfns[n - 1 - k++] = (uint32_t)(p >> 12);
+		while (k < n && p - PAGE >= lo && p >= PAGE) {
+			p -= PAGE;
+			pfns[n - 1 - k++] = (uint32_t)(p >> 12);
+		}
+	}
 	if (!k)
 		return 0;
 	if (k < n)   /* keep the array ascending from its start */
