@@ -97,4 +97,4 @@ clean:
 
 include $(wildcard mk/*.mk)
 
--include $(shell find $(B) -name '*.d' 2>/dev/null)
+-include $(shell find $(B) -name '*.d' -type f 2>/dev/null)

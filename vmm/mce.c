@@ -822,20 +822,13 @@ void mce_reset(struct mce *m)
 	if (!st.pages[MEMDESC_POISONED])
 		return;
 	for (size_t r = 0; r < m->nranges; r++) {
-		uint64_t g0 = m->ranges[r].gpa >> MM_PAGE_SHIFT;
-		uint64_t n = m->ranges[r].size >> MM_PAGE_SHIFT;
-		for (uint64_t gfn = g0; gfn < g0 + n; gfn++) {
-			if (memdesc_type(memdesc_lookup(m->gm, gfn)) != MEMDESC_POISONED)
-				continue;
-			int rc = mm_release_range(m->gm, gfn, 1, MEMDESC_UNBACKED);
-			if (rc == 0 && memdesc_type(memdesc_lookup(m->gm, gfn)) == MEMDESC_POISONED)
-				rc = -EBUSY;   /* mm/ kept it poisoned */
-			if (rc < 0)
-				pr_warn("system reset: cannot replace poisoned page at GPA 0x%" PRIx64 ": %s",
-					gfn << MM_PAGE_SHIFT, strerror(-rc));
-			else
-				replaced++;
-		}
+		long rc = mm_unpoison_range(m->gm, m->ranges[r].gpa >> MM_PAGE_SHIFT,
+					    m->ranges[r].size >> MM_PAGE_SHIFT);
+		if (rc < 0)
+			pr_warn("system reset: cannot replace poisoned pages in [0x%" PRIx64 ", 0x%" PRIx64 "): %s",
+				m->ranges[r].gpa, m->ranges[r].gpa + m->ranges[r].size, strerror((int)-rc));
+		else
+			replaced += (uint64_t)rc;
 	}
 	if (replaced)
 		pr_info("system reset: %" PRIu64 " poisoned page%s replaced with fresh memory",

@@ -279,6 +279,9 @@ static void vcpu_handle_mmio(struct vcpu *v)
 	struct kvm_run *run = v->run;
 	uint32_t len = run->mmio.len > 8 ? 8 : run->mmio.len;
 
+	/* Guest RAM whose memslot is registered lazily (large guests). */
+	if (mm_handle_mmio(v->vm->gm, run->mmio.phys_addr, run->mmio.data, len, run->mmio.is_write))
+		return;
 	if (!bus_mmio(v, run->mmio.phys_addr, run->mmio.data, len, run->mmio.is_write)) {
 		static int warned;
 		if (!__atomic_exchange_n(&warned, 1, __ATOMIC_RELAXED))

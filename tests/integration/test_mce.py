@@ -281,7 +281,6 @@ def test_poison_survives_migration(vm_factory, tmp_path):
     finish_and_check(dst, [a, b], [])
 
 
-@pytest.mark.xfail(strict=True, reason="mm/ does not release poisoned pages yet (poisoned_op_release: -EBUSY)")
 def test_system_reset_replaces_poisoned_pages(vm_factory):
     vm = vm_factory(cmdline="idle", memory=MEM).start()
     vm.qmp.cmd("inject-memory-error", gpa=0x500000)
