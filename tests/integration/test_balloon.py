@@ -308,3 +308,53 @@ def test_guest_driver_against_qemu_microvm(tmp_path):
     assert "report-free: ok pages=64" in text, text[-3000:]
     assert "verify: ok pages=64" in text
     assert p.returncode == 1, text[-2000:]    # isa-debug-exit: (0 << 1) | 1
+
+
+def test_inflate_while_migrating(vm_factory, tmp_path):
+    """The guest walks and follows the balloon (auto mode) while the VM
+    migrates; the destination has the balloon's state and pages, and the
+    walked pages below the balloon are consistent with one interrupted sweep."""
+    src = vm_factory(memory="64M").start()
+    assert src.guest("balloon auto=1")[0] == 0
+    assert src.guest("walk base=4M size=60M")[0] == 0
+    uri = free_port_path(tmp_path)
+    dst = vm_factory(memory="64M", extra=["--incoming", uri]).start(wait_banner=False)
+    src.qmp.cmd("balloon", value=40 * MiB)
+    src.qmp.cmd("migrate-set-parameters", max_bandwidth=64 << 20)   # slow enough to overlap
+    src.qmp.cmd("migrate", uri=uri)
+    deadline = time.time() + 90
+    while True:
+        r = src.qmp.cmd("query-migrate")
+        if r.get("status") in ("completed", "failed", "cancelled"):
+            break
+        assert time.time() < deadline, r
+        time.sleep(0.02)
+    assert r["status"] == "completed", r
+    dst.qmp.wait_event("RESUME")
+    # The destination finishes what the source started.
+    while dst.qmp.cmd("query-balloon")["actual"] != 40 * MiB:
+        assert time.time() < deadline, stats(dst)
+        time.sleep(0.05)
+    s = stats(dst)
+    assert s["actual-pages"] == 6144 and not s["needs-reset"], s
+    dst.qmp.cmd("stop")
+    check_walk_consistent(dst.pmemsave(4 * MiB, 36 * MiB))
+    assert dst.pmemsave(40 * MiB, 24 * MiB) == bytes(24 * MiB)
+    dst.qmp.cmd("cont")
+    assert "guest driver error" not in src.stderr() + dst.stderr()
+
+
+def test_system_reset_gives_memory_back(vm_factory):
+    vm = vm_factory(memory="64M").start()
+    balloon_to(vm, 32 * MiB)
+    start = len(vm.console_text())
+    vm.qmp.cmd("system_reset")
+    vm.wait_console("mdvm-guest: ready", start=start)
+    s = stats(vm)
+    assert s["ballooned-pages"] == 0 and s["actual-pages"] == 0, s
+    # The rebooted guest owns all its RAM; the host still wants 32M back.
+    assert s["target"] == 32 * MiB
+    assert vm.guest("fill base=48M size=1M gen=6")[0] == 0
+    assert vm.guest("verify base=48M size=1M gen=6")[0] == 0
+    text = balloon_to(vm, 32 * MiB)
+    assert "actual=8192" in text, text
