@@ -131,12 +131,21 @@ def test_bad_config_rejected(tmp_path, body, msg):
     assert r.stdout == ""
 
 
-def test_bad_os_rejected(tmp_path):
+def test_missing_initrd_rejected(tmp_path):
     path = tmp_path / "initrd.xml"
-    path.write_text(domain("", os_body="<type arch='x86_64'>hvm</type><initrd>/boot/initrd.img</initrd>"))
+    missing = tmp_path / "no-such-initrd.img"
+    path.write_text(domain("", os_body="<type arch='x86_64'>hvm</type><initrd>%s</initrd>" % missing))
     r = check_config("--config", str(path))
     assert r.returncode != 0
-    assert "%s:4: initrd is not supported yet" % path in r.stderr, r.stderr
+    assert "initrd '%s': No such file or directory" % missing in r.stderr, r.stderr
+
+
+def test_bad_os_rejected(tmp_path):
+    path = tmp_path / "loader.xml"
+    path.write_text(domain("", os_body="<type arch='x86_64'>hvm</type><loader>/usr/share/OVMF/OVMF_CODE.fd</loader>"))
+    r = check_config("--config", str(path))
+    assert r.returncode != 0
+    assert "%s:4:" % path in r.stderr and "loader" in r.stderr, r.stderr
 
 
 def test_domain_type_must_be_kvm(tmp_path):
