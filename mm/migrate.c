@@ -1,0 +1,292 @@
+/* Folio migration: move a live folio's data to another host location while
+ * the vCPUs run. Two ways to keep guest writes from being lost (measured in
+ * docs/compaction.md):
+ *   wp:    userfaultfd write-protect the folio's range of the guest window
+ *          (KVM writes through get_user_pages(FOLL_WRITE), which faults on
+ *          it and blocks the writing vCPU in the kernel), copy, MAP_FIXED the
+ *          new location over the GPA (KVM follows through its MMU notifier),
+ *          wake the blocked writers. Only a vCPU writing this folio waits,
+ *          and only for one copy.
+ *   pause: stop every vCPU (struct mm_pause_ops), copy a batch, remap,
+ *          resume. Every vCPU waits for the whole batch.
+ * The old location goes back to the pool (punched). */
+#include "mm_internal.h"
+#include "migrate.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+const char *mm_migrate_method_name(enum mm_migrate_method m)
+{
+	switch (m) {
+	case MM_MIGRATE_AUTO: return "auto";
+	case MM_MIGRATE_WP: return "uffd-wp";
+	case MM_MIGRATE_PAUSE: return "pause";
+	}
+	return "?";
+}
+
+bool mm_migrate_have_wp(struct guest_mem *gm)
+{
+	return gm->uffd >= 0 && gm->have_wp;
+}
+
+const char *mm_migrate_strerror(int rc)
+{
+	switch (rc) {
+	case 0: return "moved";
+	case MM_MIGRATE_POISONED: return "poisoned";
+	case MM_MIGRATE_LOCKED: return "locked";
+	case MM_MIGRATE_PINNED: return "pinned";
+	case MM_MIGRATE_MIGRATING: return "being migrated";
+	case MM_MIGRATE_BUSY: return "in use";
+	case -ENOENT: return "no folio there";
+	case -EOPNOTSUPP: return "hugetlb moves whole 2 MiB folios only";
+	case -ENOSPC: return "no room at the destination";
+	default: return strerror(-rc);
+	}
+}
+
+int64_t mm_host_bytes(struct guest_mem *gm)
+{
+	struct stat st;
+	if (gm->pool.fd < 0 || fstat(gm->pool.fd, &st) < 0)
+		return -1;
+	return (int64_t)st.st_blocks * 512;
+}
+
+int mm_migrate_begin(struct guest_mem *gm, struct mm_migrate_ctx *c, enum mm_migrate_method m,
+		     const struct mm_pause_ops *pause)
+{
+	memset(c, 0, sizeof(*c));
+	if (m == MM_MIGRATE_AUTO)
+		m = mm_migrate_have_wp(gm) ? MM_MIGRATE_WP : MM_MIGRATE_PAUSE;
+	if (m == MM_MIGRATE_WP && !mm_migrate_have_wp(gm))
+		return -EOPNOTSUPP;
+	c->method = m;
+	c->pause = pause;
+	c->pause_budget_bytes = HPAGE_SIZE;
+	return 0;
+}
+
+static void pause_stop(struct mm_migrate_ctx *c)
+{
+	if (!c->paused)
+		return;
+	if (c->pause && c->pause->resume)
+		c->pause->resume(c->pause->opaque);
+	uint64_t d = now_ns() - c->pause_t0;
+	c->st.pauses++;
+	c->st.pause_ns_total += d;
+	if (d > c->st.pause_ns_max)
+		c->st.pause_ns_max = d;
+	c->paused = false;
+	c->paused_bytes = 0;
+}
+
+static int pause_start(struct mm_migrate_ctx *c)
+{
+	if (c->paused)
+		return 0;
+	c->pause_t0 = now_ns();
+	if (c->pause && c->pause->pause) {
+		int rc = c->pause->pause(c->pause->opaque);
+		if (rc)
+			return rc;
+	}
+	c->paused = true;
+	return 0;
+}
+
+void mm_migrate_end(struct guest_mem *gm, struct mm_migrate_ctx *c)
+{
+	pause_stop(c);
+}
+
+static int refusal(struct folio *f)
+{
+	uint32_t fl = atomic_load(&f->flags);
+	if (fl & FOLIO_HWPOISON)
+		return MM_MIGRATE_POISONED;
+	if (fl & FOLIO_MIGRATING)
+		return MM_MIGRATE_MIGRATING;
+	if (fl & FOLIO_LOCKED)
+		return MM_MIGRATE_LOCKED;
+	if (fl & FOLIO_PINNED)
+		return MM_MIGRATE_PINNED;
+	return 0;
+}
+
+static void count_refusal(struct mm_migrate_stats *st, int rc)
+{
+	switch (rc) {
+	case MM_MIGRATE_POISONED: st->refused_poisoned++; break;
+	case MM_MIGRATE_LOCKED: st->refused_locked++; break;
+	case MM_MIGRATE_PINNED: st->refused_pinned++; break;
+	case MM_MIGRATE_MIGRATING: st->refused_migrating++; break;
+	case MM_MIGRATE_BUSY: st->refused_busy++; break;
+	default: break;
+	}
+}
+
+/* Copy [at, at+len) to dst; under wp the range is write-protected first and
+ * the writers are woken once `remap` has put the new location in place. */
+static int copy_and_remap(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t gpa,
+			  uint64_t len, void *dst, int (*remap)(void *), void *arg)
+{
+	uint8_t *at = gm->base + gpa;
+	uint64_t t0 = now_ns(), t1;
+	int rc = 0;
+	if (c->method == MM_MIGRATE_WP && (rc = uffd_wp_range(gm, gpa, len)))
+		return rc;
+	memcpy(dst, at, len);
+	t1 = now_ns();
+	rc = remap(arg);
+	if (c->method == MM_MIGRATE_WP) {
+		if (rc) {
+			/* Keep the old location: lift the protection. */
+			uffd_unregister_range(gm, gpa, len);
+		}
+		uffd_wake_range(gm, gpa, len);
+		uint64_t d = now_ns() - t0;
+		c->st.wp_ns_total += d;
+		if (d > c->st.wp_ns_max)
+			c->st.wp_ns_max = d;
+	}
+	c->st.copy_ns_total += t1 - t0;
+	return rc;
+}
+
+struct fd_remap { struct guest_mem *gm; uint8_t *at; uint64_t len, off; };
+static int fd_remap(void *arg)
+{
+	struct fd_remap *r = arg;
+	if (mmap(r->at, r->len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, r->gm->pool.fd,
+		 (off_t)r->off) == MAP_FAILED)
+		return -errno;
+	return 0;
+}
+
+struct anon_remap { uint8_t *n, *at; uint64_t len; };
+static int anon_remap(void *arg)
+{
+	struct anon_remap *r = arg;
+	if (mremap(r->n, r->len, r->len, MREMAP_MAYMOVE | MREMAP_FIXED, r->at) == MAP_FAILED)
+		return -errno;
+	return 0;
+}
+
+/* Under gm->lock, f frozen and MIGRATING. */
+static int move_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, struct folio *f, uint32_t dst)
+{
+	uint64_t gpa = f->gfn << MM_PAGE_SHIFT, len = folio_nr_pages(f) << MM_PAGE_SHIFT;
+	uint8_t *at = gm->base + gpa;
+	int rc;
+	if (gm->pool.fd < 0) {
+		/* Anonymous: fresh (THP-aligned) pages, copy, mremap over the GPA.
+		 * The hugepage is the guest region itself: dst means nothing. */
+		uint64_t al = len >= HPAGE_SIZE ? HPAGE_SIZE : MM_PAGE_SIZE;
+		uint8_t *raw = mmap(NULL, len + al, PROT_READ | PROT_WRITE,
+				    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (raw == MAP_FAILED)
+			return -errno;
+		uint8_t *n = (uint8_t *)(((uintptr_t)raw + al - 1) & ~(uintptr_t)(al - 1));
+		if (n > raw)
+			munmap(raw, (size_t)(n - raw));
+		if (n + len < raw + len + al)
+			munmap(n + len, (size_t)(raw + len + al - (n + len)));
+		if (gm->backing == MM_BACKING_THP)
+			madvise(n, len, MADV_HUGEPAGE);
+		struct anon_remap r = { n, at, len };
+		rc = copy_and_remap(gm, c, gpa, len, n, anon_remap, &r);
+		if (rc)
+			munmap(n, len);
+		return rc;
+	}
+	uint32_t old_hp = f->hpage;
+	uint16_t old_piece = f->piece;
+	bool dummy;
+	if ((rc = pool_place(gm, f, dst, old_hp, &dummy))) {
+		f->hpage = old_hp;
+		f->piece = old_piece;
+		return rc;
+	}
+	uint32_t new_hp = f->hpage;
+	uint16_t new_piece = f->piece;
+	uint64_t off = pool_offset(new_hp, new_piece);
+	void *tmp = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, gm->pool.fd,
+			 (off_t)off);
+	if (tmp == MAP_FAILED) {
+		rc = -errno;
+		goto undo;
+	}
+	struct fd_remap r = { gm, at, len, off };
+	rc = copy_and_remap(gm, c, gpa, len, tmp, fd_remap, &r);
+	munmap(tmp, len);
+	if (rc)
+		goto undo;
+	f->hpage = old_hp;         /* release the old pieces */
+	f->piece = old_piece;
+	pool_unplace(gm, f, true);
+	f->hpage = new_hp;
+	f->piece = new_piece;
+	pool_update_owner(gm, f);
+	if (gm->backing == MM_BACKING_HUGETLB)
+		pool_hpage(&gm->pool, new_hp)->mapped = 1;
+	return 0;
+undo:
+	pool_unplace(gm, f, true);
+	f->hpage = old_hp;
+	f->piece = old_piece;
+	return rc;
+}
+
+int mm_migrate_folio(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t gfn, uint32_t dst)
+{
+	int rc;
+	/* Stop the vCPUs before taking gm->lock: a vCPU blocked in a
+	 * first-touch fault needs the lock to get out of KVM_RUN. */
+	if (c->method == MM_MIGRATE_PAUSE && (rc = pause_start(c)))
+		return rc;
+	pthread_mutex_lock(&gm->lock);
+	memdesc_t md = mdt_get(&gm->md, gfn);
+	struct folio *f = memdesc_folio(md);
+	if (memdesc_type(md) == MEMDESC_POISONED)
+		rc = MM_MIGRATE_POISONED;
+	else if (!f)
+		rc = -ENOENT;
+	else if ((rc = refusal(f)))
+		;
+	else if (gm->backing == MM_BACKING_HUGETLB && f->order < MM_MAX_ORDER)
+		rc = -EOPNOTSUPP;
+	else if (folio_ref_freeze(f))
+		rc = MM_MIGRATE_BUSY;
+	else {
+		uint64_t len = folio_nr_pages(f) << MM_PAGE_SHIFT;
+		atomic_fetch_or(&f->flags, FOLIO_MIGRATING);
+		rc = move_locked(gm, c, f, dst);
+		atomic_fetch_and(&f->flags, ~(uint32_t)FOLIO_MIGRATING);
+		folio_ref_unfreeze(f);
+		if (!rc) {
+			c->st.folios_moved++;
+			c->st.bytes_moved += len;
+			c->paused_bytes += len;
+		}
+	}
+	pthread_mutex_unlock(&gm->lock);
+	count_refusal(&c->st, rc);
+	if (c->paused && c->paused_bytes >= c->pause_budget_bytes)
+		pause_stop(c);
+	return rc;
+}
