@@ -131,6 +131,7 @@ enum folio_flag {
 	FOLIO_HWPOISON = 1u << 3,  /* a page of it had a memory failure */
 	FOLIO_MAPPED   = 1u << 4,  /* host backing mapped at its GPA */
 	FOLIO_PINNED   = 1u << 5,  /* must not move (e.g. device DMA ring) */
+	FOLIO_MIGRATING = 1u << 6, /* its data is being copied elsewhere (mm/migrate.c) */
 };
 
 /* A folio: 2^order guest frames, naturally aligned, backed by 2^order

@@ -130,6 +130,7 @@ struct guest_mem {
 
 	int uffd, stop_fd;
 	bool uffd_running, have_poison;
+	bool have_wp;               /* uffd write-protect on every backing (mm/migrate.c) */
 	pthread_t uffd_thread;
 
 	uint64_t pages[MEMDESC_NR_TYPES];
@@ -198,6 +199,10 @@ void uffd_stop(struct guest_mem *gm);
 int  uffd_register_range(struct guest_mem *gm, uint64_t gpa, uint64_t size);
 int  uffd_unregister_range(struct guest_mem *gm, uint64_t gpa, uint64_t size);
 int  uffd_poison(struct guest_mem *gm, uint64_t gpa, uint64_t size);
+/* Write-protect [gpa, gpa+size) (registering it for WP first) or wake its
+ * blocked writers; writers block until the range is remapped or woken. */
+int  uffd_wp_range(struct guest_mem *gm, uint64_t gpa, uint64_t size);
+void uffd_wake_range(struct guest_mem *gm, uint64_t gpa, uint64_t size);
 
 /* mm.c */
 bool gfn_is_ram(const struct guest_mem *gm, uint64_t gfn);

@@ -77,6 +77,35 @@ int uffd_poison(struct guest_mem *gm, uint64_t gpa, uint64_t size)
 	return 0;
 }
 
+/* Write-protect for a folio migration (mm/migrate.c): the range is a
+ * populated folio, no longer registered for MISSING, so it is registered
+ * for WP alone; the remap that ends the migration drops the registration
+ * with the old VMA. */
+int uffd_wp_range(struct guest_mem *gm, uint64_t gpa, uint64_t size)
+{
+	if (!gm->have_wp)
+		return -EOPNOTSUPP;
+	struct uffdio_register reg = {
+		.range = { (uint64_t)(uintptr_t)(gm->base + gpa), size },
+		.mode = UFFDIO_REGISTER_MODE_WP,
+	};
+	if (ioctl(gm->uffd, UFFDIO_REGISTER, &reg) < 0)
+		return -errno;
+	struct uffdio_writeprotect wp = { .range = reg.range, .mode = UFFDIO_WRITEPROTECT_MODE_WP };
+	if (ioctl(gm->uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
+		int e = errno;
+		ioctl(gm->uffd, UFFDIO_UNREGISTER, &reg.range);
+		return -e;
+	}
+	return 0;
+}
+
+void uffd_wake_range(struct guest_mem *gm, uint64_t gpa, uint64_t size)
+{
+	struct uffdio_range r = { (uint64_t)(uintptr_t)(gm->base + gpa), size };
+	ioctl(gm->uffd, UFFDIO_WAKE, &r);
+}
+
 static void uffd_wake(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
 {
 	struct uffdio_range r = { (uint64_t)(uintptr_t)(gm->base + (gfn << MM_PAGE_SHIFT)),
@@ -144,7 +173,10 @@ static void *uffd_main(void *arg)
 		if (n < 0)
 			continue;
 		for (size_t i = 0; i < (size_t)n / sizeof(msgs[0]); i++)
-			if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+			/* Write-protect faults belong to a folio migration,
+			 * which wakes its writers when the folio is remapped. */
+			if (msgs[i].event == UFFD_EVENT_PAGEFAULT &&
+			    !(msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
 				handle_fault(gm, msgs[i].arg.pagefault.address);
 	}
 	return NULL;
@@ -159,7 +191,21 @@ int uffd_start(struct guest_mem *gm, char *why, size_t whylen)
 		snprintf(why, whylen, "userfaultfd: %s", strerror(errno));
 		return -1;
 	}
-	struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+	/* Write-protect (folio migration) on shmem/hugetlb and on anonymous
+	 * pages never faulted in needs features that must be asked for up
+	 * front; a probe descriptor tells whether the kernel has them. */
+	const uint64_t wp_feat = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM |
+				 (1ULL << 13) /* UFFD_FEATURE_WP_UNPOPULATED (6.4) */;
+	uint64_t feat = 0;
+	int probe = uffd_open();
+	if (probe >= 0) {
+		struct uffdio_api pa = { .api = UFFD_API, .features = 0 };
+		if (ioctl(probe, UFFDIO_API, &pa) == 0 && (pa.features & wp_feat) == wp_feat)
+			feat = wp_feat;
+		close(probe);
+	}
+	struct uffdio_api api = { .api = UFFD_API, .features = feat };
+	gm->have_wp = feat != 0;
 	if (ioctl(gm->uffd, UFFDIO_API, &api) < 0) {
 		snprintf(why, whylen, "UFFDIO_API: %s", strerror(errno));
 		goto fail;
