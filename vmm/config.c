@@ -1119,6 +1119,7 @@ void config_print_run_usage(void *stream)
 		"                       memfd or anon\n"
 		"  --reserve-hugepages  raise vm.nr_hugepages if too few are free (root)\n"
 		"  --balloon on|off     virtio-balloon device (default on)\n"
+		"  --compaction auto|off  background compaction of guest RAM (default off)\n"
 		"  --incoming URI       wait for a live migration on tcp:HOST:PORT or unix:PATH\n"
 		"  --inject-memory-error-at GPA[:KIND][@MS]\n"
 		"                       poison the guest page at GPA MS milliseconds after\n"
@@ -1130,7 +1131,7 @@ void config_print_run_usage(void *stream)
 
 enum {
 	OPT_CONFIG = 256, OPT_MEMORY, OPT_CPUS, OPT_KERNEL, OPT_INITRD, OPT_CMDLINE, OPT_CONTROL,
-	OPT_CONSOLE, OPT_BACKING, OPT_RESERVE, OPT_CHECK, OPT_BALLOON, OPT_INJECT_AT,
+	OPT_CONSOLE, OPT_BACKING, OPT_RESERVE, OPT_CHECK, OPT_BALLOON, OPT_COMPACTION, OPT_INJECT_AT,
 	OPT_INCOMING,
 };
 
@@ -1146,6 +1147,7 @@ static const struct option run_options[] = {
 	{ "backing",           required_argument, NULL, OPT_BACKING },
 	{ "reserve-hugepages", no_argument,       NULL, OPT_RESERVE },
 	{ "balloon",           required_argument, NULL, OPT_BALLOON },
+	{ "compaction",        required_argument, NULL, OPT_COMPACTION },
 	{ "inject-memory-error-at", required_argument, NULL, OPT_INJECT_AT },
 	{ "incoming",          required_argument, NULL, OPT_INCOMING },
 	{ "check-config",      no_argument,       NULL, OPT_CHECK },  /* hidden */
@@ -1302,6 +1304,7 @@ static void print_config(FILE *f, const struct vm_config *cfg)
 	fprintf(f, "backing: %s\n", mm_backing_name(cfg->backing));
 	fprintf(f, "reserve-hugepages: %s\n", cfg->reserve_hugepages ? "yes" : "no");
 	fprintf(f, "balloon: %s\n", cfg->balloon ? "on" : "off");
+	fprintf(f, "compaction: %s\n", cfg->compaction ? "auto" : "off");
 	fprintf(f, "control: %s\n", cfg->control_path ? cfg->control_path : "none");
 	if (cfg->incoming)
 		fprintf(f, "incoming: %s\n", cfg->incoming);
@@ -1457,6 +1460,13 @@ int config_parse_run_args(int argc, char **argv, struct vm_config *cfg, char *er
 				return -1;
 			}
 			cfg->balloon = !strcmp(optarg, "on");
+			break;
+		case OPT_COMPACTION:
+			if (strcmp(optarg, "auto") && strcmp(optarg, "off")) {
+				seterr(err, errlen, "invalid --compaction '%s': expected auto or off", optarg);
+				return -1;
+			}
+			cfg->compaction = !strcmp(optarg, "auto");
 			break;
 		case OPT_INCOMING:
 			if (check_incoming(optarg, msg, sizeof(msg)) < 0) {

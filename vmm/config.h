@@ -28,6 +28,7 @@ struct vm_config {
 	enum mm_backing backing;
 	int reserve_hugepages;   /* --reserve-hugepages */
 	int balloon;             /* virtio-balloon: 1 (default, libvirt's too) or 0 */
+	int compaction;          /* --compaction auto: background compactor (1), off (0, default) */
 	struct mce_inject_at inject_at[CONFIG_MAX_INJECT_AT];
 	unsigned n_inject_at;
 	char *incoming;          /* --incoming tcp:HOST:PORT|unix:PATH, or NULL */

@@ -152,6 +152,7 @@ START_TEST(defaults)
 	ck_assert_ptr_null(cfg.control_path);
 	ck_assert_int_eq(cfg.reserve_hugepages, 0);
 	ck_assert_int_eq(cfg.balloon, 1);
+	ck_assert_int_eq(cfg.compaction, 0);
 }
 END_TEST
 
@@ -652,7 +653,7 @@ START_TEST(cli_errors)
 		{ { "--foo" }, "unknown option '--foo' (see mdvm run --help)" },
 		{ { "--foo=bar" }, "unknown option '--foo' (see mdvm run --help)" },
 		{ { "-x" }, "unknown option '-x' (see mdvm run --help)" },
-		{ { "--co", "x" }, "ambiguous option '--co': could be --config, --control, --console" },
+		{ { "--co", "x" }, "ambiguous option '--co': could be --config, --control, --console, --compaction" },
 		{ { "--memory" }, "option '--memory' requires an argument" },
 		{ { "--reserve-hugepages=yes" }, "option '--reserve-hugepages' takes no argument" },
 		{ { "--kernel", "K", "extra" }, "unexpected argument 'extra' (see mdvm run --help)" },
@@ -777,6 +778,13 @@ START_TEST(balloon_xml_and_cli)
 	ck_assert_int_eq(cfg.balloon, 0);
 	ck_assert_int_eq(run_args((char *[]){ "run", "--config", (char *)p, "--balloon", "yes", NULL }), -1);
 	ck_assert_str_eq(err, "invalid --balloon 'yes': expected on or off");
+	/* --compaction: off by default, auto runs the background compactor */
+	ck_assert_int_eq(run_args((char *[]){ "run", "--config", (char *)p, "--compaction", "auto", NULL }), 0);
+	ck_assert_int_eq(cfg.compaction, 1);
+	ck_assert_int_eq(run_args((char *[]){ "run", "--config", (char *)p, "--compaction=off", NULL }), 0);
+	ck_assert_int_eq(cfg.compaction, 0);
+	ck_assert_int_eq(run_args((char *[]){ "run", "--config", (char *)p, "--compaction", "always", NULL }), -1);
+	ck_assert_str_eq(err, "invalid --compaction 'always': expected auto or off");
 }
 END_TEST
 
