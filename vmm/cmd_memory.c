@@ -3,6 +3,7 @@
  * by order, host hugepages in use with their occupancy, metadata bytes. */
 #include <stdio.h>
 #include "../mm/mm.h"
+#include "cmd_compact.h"
 #include "commands.h"
 #include "qmp.h"
 #include "vm.h"
@@ -51,7 +52,9 @@ static void cmd_query_memory(struct qmp_req *req, json_t *args, void *opaque)
 
 	if (!args_check(req, args, spec))
 		return;
-	qmp_reply_ok(req, memory_stats_json(vm_mem(vm)));
+	json_t *o = memory_stats_json(vm_mem(vm));
+	json_object_set_new(o, "fragmentation", compact_fragmentation_json(vm_mem(vm)));
+	qmp_reply_ok(req, o);
 }
 
 void commands_register_memory(struct vm *vm)

@@ -16,6 +16,7 @@ void commands_register_memory(struct vm *vm) __attribute__((weak));
 void commands_register_migration(struct vm *vm);
 void commands_register_balloon(struct vm *vm);
 void commands_register_mce(struct vm *vm);
+void commands_register_compact(struct vm *vm);
 
 static void usage(FILE *f)
 {
@@ -64,6 +65,7 @@ static int run_main(int argc, char **argv)
 	commands_register(vm);
 	commands_register_migration(vm);
 	commands_register_balloon(vm);
+	commands_register_compact(vm);
 	/* Listen before the control socket appears: whoever waits for it can
 	 * then migrate to us at once. */
 	if (cfg.incoming && migration_incoming_listen(vm, cfg.incoming, err, sizeof(err)) < 0) {
