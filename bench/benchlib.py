@@ -625,16 +625,23 @@ def smaps_split(pid, is_guest):
 
     rss:      resident pages (Rss) plus hugetlb pages (Shared_/Private_Hugetlb,
               which Rss leaves out), shared library pages included;
+    dirty:    pages this process wrote and nobody else maps (Private_Dirty +
+              Private_Hugetlb): heap, stacks, tables; what the process
+              itself costs, whatever else runs on the machine;
     private:  pages mapped by this process only (Private_Clean + Private_Dirty
-              + Private_Hugetlb);
-    both for guest RAM VMAs ('guest_*') and for all other VMAs ('vmm_*')."""
-    out = dict(guest_rss=0, guest_private=0, vmm_rss=0, vmm_private=0, guest_vmas=0)
+              + Private_Hugetlb); careful: library pages count here when no
+              other process happens to map the same library;
+    each for guest RAM VMAs ('guest_*') and for all other VMAs ('vmm_*')."""
+    out = dict(guest_rss=0, guest_private=0, guest_dirty=0, vmm_rss=0, vmm_private=0, vmm_dirty=0,
+               guest_vmas=0)
     for v in smaps(pid):
         rss = v.get("Rss", 0) + v.get("Shared_Hugetlb", 0) + v.get("Private_Hugetlb", 0)
-        priv = v.get("Private_Clean", 0) + v.get("Private_Dirty", 0) + v.get("Private_Hugetlb", 0)
+        dirty = v.get("Private_Dirty", 0) + v.get("Private_Hugetlb", 0)
+        priv = v.get("Private_Clean", 0) + dirty
         side = "guest" if is_guest(v) else "vmm"
         out[side + "_rss"] += rss
         out[side + "_private"] += priv
+        out[side + "_dirty"] += dirty
         if side == "guest":
             out["guest_vmas"] += 1
     return out

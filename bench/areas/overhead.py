@@ -4,8 +4,8 @@ guests that barely touch their memory (the test guest's `idle`), mdvm vs QEMU.
 Counted from /proc/PID/smaps once the guest is idle: every VMA that backs
 guest RAM is set aside (mdvm: inside the guest RAM window its startup trace
 prints; QEMU: the anonymous VMA of exactly the -m size, its RAM block), and
-the rest is the VMM's: Rss (+ hugetlb pages) and, of it, the pages no other
-process maps (Private_*). Kernel memory KVM allocates for the VM (page
+the rest is the VMM's: Rss (+ hugetlb pages) and, of it, the pages the
+process wrote itself (Private_Dirty). Kernel memory KVM allocates for the VM (page
 tables, memslot arrays) is not in smaps and not counted, for either VMM.
 """
 import time
@@ -47,7 +47,7 @@ def run(b):
         for m in QEMU_MACHINES:
             rows[s, m] = dict(
                 rss=t.row("%s: VMM memory beyond guest RAM (Rss)" % lab, "MiB", "QEMU -M %s" % m),
-                priv=t.row("%s: of it, private to the VMM" % lab, "MiB", "QEMU -M %s" % m),
+                priv=t.row("%s: of it, written by the VMM (Private_Dirty)" % lab, "MiB", "QEMU -M %s" % m),
                 guest=t.row("%s: guest RAM resident (set aside)" % lab, "MiB", "QEMU -M %s" % m))
     t.rows = [rows[s, m][k] for s in sizes for k in ("rss", "priv", "guest") for m in QEMU_MACHINES]
 
@@ -59,7 +59,7 @@ def run(b):
                 mem = measure(vm, "idle: waiting", settle)
                 for m in QEMU_MACHINES:
                     rows[s, m]["rss"].add("mdvm", mem["vmm_rss"] / MiB)
-                    rows[s, m]["priv"].add("mdvm", mem["vmm_private"] / MiB)
+                    rows[s, m]["priv"].add("mdvm", mem["vmm_dirty"] / MiB)
                     rows[s, m]["guest"].add("mdvm", mem["guest_rss"] / MiB)
             for m in QEMU_MACHINES:
                 r = rows[s, m]
@@ -67,12 +67,13 @@ def run(b):
                     q = Qemu(b, memory=s, cmdline="idle", machine=m)
                     mem = measure(q, "idle: no test device, halting", settle)
                     r["rss"].add("qemu", mem["vmm_rss"] / MiB)
-                    r["priv"].add("qemu", mem["vmm_private"] / MiB)
+                    r["priv"].add("qemu", mem["vmm_dirty"] / MiB)
                     r["guest"].add("qemu", mem["guest_rss"] / MiB)
     t.note("What is counted: /proc/PID/smaps of the VMM process, all VMAs except guest RAM; Rss plus "
            "Shared_Hugetlb/Private_Hugetlb (Rss leaves hugetlb pages out). Shared library pages are in "
-           "Rss (as Firecracker counts its overhead); 'private' is Private_Clean + Private_Dirty + "
-           "Private_Hugetlb, what this process alone costs the host. Device memory (QEMU's BIOS, VGA RAM, "
+           "Rss (as Firecracker counts its overhead); 'written' is Private_Dirty + Private_Hugetlb: heap, "
+           "stacks, tables, the memory this process alone costs whatever else runs (Private_Clean is left "
+           "out: library pages count there only while no other process maps the library). Device memory (QEMU's BIOS, VGA RAM, "
            "option ROMs) is not guest RAM and counts as overhead.")
     t.note("Guest RAM: mdvm's window `[base, base + end of RAM)` from its startup trace "
            "(`MDVM_TRACE_STARTUP=1`, event `memory`); QEMU's RAM block is the anonymous VMA whose size equals "

@@ -16,8 +16,8 @@ QEMU_MACHINE = "microvm"
 BASE = "256M"   # the small guest the growth per GiB is measured against
 
 
-def idle_private(vmm, idle_line, settle):
-    """Private VMM memory (bytes) of an idle guest; ends the run."""
+def idle_dirty(vmm, idle_line, settle):
+    """Private_Dirty VMM memory (bytes) of an idle guest; ends the run."""
     vmm.wait_console(idle_line, 60)
     time.sleep(settle)
     mem = vmm.memory()
@@ -25,7 +25,7 @@ def idle_private(vmm, idle_line, settle):
         raise NotMeasured("no guest RAM mapping found in smaps")
     if vmm.quit() != 0:
         raise RuntimeError("%s did not exit cleanly after quit: %s" % (vmm.name, vmm.describe()))
-    return mem["vmm_private"]
+    return mem["vmm_dirty"]
 
 
 def run(b):
@@ -42,8 +42,8 @@ def run(b):
     r_mm = t.row("%s guest: guest memory setup (startup trace kvm → memory)" % lab, "ms")
     r_mm.no_qemu("QEMU has no such trace")
     r_rss = t.row("%s guest: VMM memory beyond guest RAM (Rss)" % lab, "MiB", "QEMU -M %s" % QEMU_MACHINE)
-    r_priv = t.row("%s guest: of it, private to the VMM" % lab, "MiB", "QEMU -M %s" % QEMU_MACHINE)
-    r_grow = t.row("%s guest: private VMM memory added per GiB of guest RAM (vs a %s guest)"
+    r_priv = t.row("%s guest: of it, written by the VMM (Private_Dirty)" % lab, "MiB", "QEMU -M %s" % QEMU_MACHINE)
+    r_grow = t.row("%s guest: VMM-written memory added per GiB of guest RAM (vs a %s guest)"
                    % (lab, size_label(parse_size(BASE))), "bytes/GiB", "QEMU -M %s" % QEMU_MACHINE)
     r_meta = t.row("%s guest: memdesc metadata (`query-memory` metadata-bytes)" % lab, "KiB")
     r_meta.no_qemu("QEMU has no per-page descriptors; its dirty bitmaps exist only while migrating")
@@ -68,8 +68,8 @@ def run(b):
             if mem["guest_vmas"] == 0:
                 raise NotMeasured("no guest RAM mapping found in smaps")
             r_rss.add("mdvm", mem["vmm_rss"] / MiB)
-            r_priv.add("mdvm", mem["vmm_private"] / MiB)
-            big_priv = mem["vmm_private"]
+            r_priv.add("mdvm", mem["vmm_dirty"] / MiB)
+            big_priv = mem["vmm_dirty"]
             q = vm.connect()
             try:
                 if not q.has_command("query-memory"):
@@ -85,7 +85,7 @@ def run(b):
             rc = vm.quit()
             if rc != 0:
                 raise RuntimeError("mdvm exited with %s after quit: %s" % (rc, vm.describe()))
-            small = idle_private(Mdvm(b, memory=BASE, cmdline="idle"), "idle: waiting", b.pick(0.5, 0.2))
+            small = idle_dirty(Mdvm(b, memory=BASE, cmdline="idle"), "idle: waiting", b.pick(0.5, 0.2))
             r_grow.add("mdvm", (big_priv - small) / ((nbytes - parse_size(BASE)) / (1 << 30)))
         qrows = [r_first, r_ready, r_rss, r_priv, r_grow]
         with t.guard("qemu", *qrows):
@@ -102,15 +102,15 @@ def run(b):
             if mem["guest_vmas"] == 0:
                 raise NotMeasured("no guest RAM mapping found in smaps")
             r_rss.add("qemu", mem["vmm_rss"] / MiB)
-            r_priv.add("qemu", mem["vmm_private"] / MiB)
-            big_priv = mem["vmm_private"]
+            r_priv.add("qemu", mem["vmm_dirty"] / MiB)
+            big_priv = mem["vmm_dirty"]
             rc = qm.quit()
             if rc != 0:
                 raise RuntimeError("QEMU exited with %s after quit: %s" % (rc, qm.describe()))
-            small = idle_private(Qemu(b, memory=BASE, cmdline="idle", machine=QEMU_MACHINE),
+            small = idle_dirty(Qemu(b, memory=BASE, cmdline="idle", machine=QEMU_MACHINE),
                                  "idle: no test device, halting", b.pick(0.5, 0.2))
             r_grow.add("qemu", (big_priv - small) / ((nbytes - parse_size(BASE)) / (1 << 30)))
-    t.note("Growth per GiB: (private VMM memory with the big guest − with a %s guest, same VMM, same "
+    t.note("Growth per GiB: (Private_Dirty of the VMM with the big guest − with a %s guest, same VMM, same "
            "run) ÷ the difference in guest RAM: what each further GiB of guest RAM costs the host in VMM "
            "metadata (mdvm: memdesc tables, folio and pool state; QEMU under TCG: its per-page dirty and "
            "code bitmaps, which exist from the start). smaps counts whole 4 KiB pages and a few come and go "
