@@ -392,7 +392,10 @@ static int collapse(struct guest_mem *gm, const struct mm_compact_req *req, stru
 			pthread_mutex_lock(&gm->lock);
 			region_census(gm, r, &backed, &holes, &blocked, &whole);
 			pthread_mutex_unlock(&gm->lock);
-			if (whole || blocked || backed < min_pages || !backed)
+			/* hugetlb: the region's 2 MiB page is mapped whole anyway,
+			 * so its holes cost no host memory to fill. */
+			bool free_holes = gm->backing == MM_BACKING_HUGETLB;
+			if (whole || blocked || !backed || (backed < min_pages && !free_holes))
 				continue;
 			/* Holes get memory of their own: a 2 MiB folio has no holes. */
 			if (holes && mm_populate(gm, g0, MM_REGION_PAGES, MM_MAX_ORDER))

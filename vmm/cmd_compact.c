@@ -219,6 +219,67 @@ static void cmd_release_range(struct qmp_req *req, json_t *args, void *opaque)
 	qmp_reply_ok(req, o);
 }
 
+/* Test hook: migrate every folio of [gpa, gpa+size) to another host
+ * location (page migration on its own, without a compaction policy). */
+static void cmd_migrate_range(struct qmp_req *req, json_t *args, void *opaque)
+{
+	static const struct arg_spec spec[] = {
+		{ "gpa", ARG_UINT, false }, { "size", ARG_UINT, false }, { "method", ARG_STR, true },
+		{ NULL } };
+	struct vm *vm = opaque;
+	struct guest_mem *gm = vm_mem(vm);
+	struct pause_ctx pc = { vm, false };
+	struct mm_pause_ops po = { vcpus_pause, vcpus_resume, &pc };
+	struct mm_migrate_ctx c;
+	const char *method;
+	enum mm_migrate_method m = MM_MIGRATE_AUTO;
+	uint64_t gpa, size, refused = 0;
+	int last = 0;
+
+	if (!args_check(req, args, spec))
+		return;
+	gpa = arg_uint(args, "gpa", 0);
+	size = arg_uint(args, "size", 0);
+	method = arg_str(args, "method");
+	if (method && !strcmp(method, "uffd-wp"))
+		m = MM_MIGRATE_WP;
+	else if (method && !strcmp(method, "pause"))
+		m = MM_MIGRATE_PAUSE;
+	else if (method && strcmp(method, "auto")) {
+		qmp_reply_error(req, "GenericError", "method must be auto, uffd-wp or pause, not '%s'",
+				method);
+		return;
+	}
+	if (mm_migrate_begin(gm, &c, m, &po)) {
+		qmp_reply_error(req, "GenericError", "userfaultfd write-protect is not available here");
+		return;
+	}
+	for (uint64_t g = gpa >> 12; g < (gpa + size + 4095) >> 12;) {
+		struct folio *f = folio_get_gfn(gm, g);
+		uint64_t next = f ? folio_gfn(f) + folio_nr_pages(f) : g + 1;
+		if (f)
+			folio_put(f);
+		memdesc_t md = memdesc_lookup(gm, g);
+		if (f || memdesc_type(md) == MEMDESC_POISONED) {
+			int rc = mm_migrate_folio(gm, &c, g, MM_HPAGE_ANY);
+			if (rc) {
+				refused++;
+				last = rc;
+			}
+		}
+		g = next;
+	}
+	mm_migrate_end(gm, &c);
+	json_t *o = json_pack("{s:s,s:I,s:I,s:I,s:I,s:I}", "method", mm_migrate_method_name(c.method),
+			      "folios-moved", (json_int_t)c.st.folios_moved,
+			      "bytes-moved", (json_int_t)c.st.bytes_moved, "not-moved", (json_int_t)refused,
+			      "longest-stop-ns", (json_int_t)c.st.pause_ns_max,
+			      "longest-write-protect-ns", (json_int_t)c.st.wp_ns_max);
+	if (last)
+		json_object_set_new(o, "reason", json_string(mm_migrate_strerror(last)));
+	qmp_reply_ok(req, o);
+}
+
 /* ---- --compaction auto: at most AUTO_BUDGET copied per AUTO_PERIOD_MS */
 static struct vm *auto_vm;
 
@@ -247,6 +308,7 @@ void commands_register_compact(struct vm *vm)
 {
 	qmp_register("compact", cmd_compact, vm);
 	qmp_register("x-mdvm-release-range", cmd_release_range, vm);
+	qmp_register("x-mdvm-migrate-range", cmd_migrate_range, vm);
 	if (vm_config(vm)->compaction && !auto_vm) {
 		auto_vm = vm;
 		loop_add_timer(AUTO_PERIOD_MS, auto_tick, vm);
