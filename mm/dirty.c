@@ -7,6 +7,7 @@
  * (memdesc owner path) set only the flag, which a sync folds into the bits
  * of every open log before clearing it. */
 #include "dirty.h"
+#include "mm_internal.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -257,7 +258,13 @@ static void fold_folio_flags(struct dirty_tracker *t)
 			struct folio *f;
 
 			if (!memdesc_folio(md)) {
-				gfn++;
+				/* A whole 2 MiB region of one non-folio kind (never
+				 * touched, released): one look, not 512. */
+				if (!(gfn & (MM_REGION_PAGES - 1)) &&
+				    mdt_region_is(&gm->md, gfn >> REGION_SHIFT, md))
+					gfn += MM_REGION_PAGES;
+				else
+					gfn++;
 				continue;
 			}
 			f = folio_get_gfn(gm, gfn);

@@ -61,6 +61,7 @@ static void cmd_migrate_set_parameters(struct qmp_req *req, json_t *args, void *
 	static const struct arg_spec spec[] = {
 		{ "max-bandwidth", ARG_UINT, true },
 		{ "downtime-limit", ARG_UINT, true },
+		{ "x-max-iterations", ARG_UINT, true },
 		{ NULL },
 	};
 
@@ -76,6 +77,8 @@ static void cmd_migrate_set_parameters(struct qmp_req *req, json_t *args, void *
 		migration_set_max_bandwidth(arg_uint(args, "max-bandwidth", 0));
 	if (json_object_get(args, "downtime-limit"))
 		migration_set_downtime_limit(arg_uint(args, "downtime-limit", 300));
+	if (json_object_get(args, "x-max-iterations"))
+		migration_set_max_iterations(arg_uint(args, "x-max-iterations", 0));
 	qmp_reply_ok(req, NULL);
 }
 
@@ -84,9 +87,10 @@ static void cmd_query_migrate_parameters(struct qmp_req *req, json_t *args, void
 	if (!args_check(req, args, no_args))
 		return;
 	uint64_t bw = migration_max_bandwidth();
-	qmp_reply_ok(req, json_pack("{s:I,s:I}",
+	qmp_reply_ok(req, json_pack("{s:I,s:I,s:I}",
 		"max-bandwidth", (json_int_t)(bw > INT64_MAX ? INT64_MAX : bw),
-		"downtime-limit", (json_int_t)migration_downtime_limit()));
+		"downtime-limit", (json_int_t)migration_downtime_limit(),
+		"x-max-iterations", (json_int_t)migration_max_iterations()));
 }
 
 /* x-mdvm-fill-random {gpa, size, seed}: xorshift64* data, written through

@@ -917,3 +917,181 @@ static void schedule_config(struct mce *m)
 		loop_add_timer(s->at.delay_ms ? s->at.delay_ms : 1, scheduled_fire, s);
 	}
 }
+
+/* ---- migration: the MCE section (docs/migration.md)
+ *
+ * Per vCPU: MCG_STATUS, MCG_CTL and every bank's CTL/STATUS/ADDR/MISC, the
+ * SRAO errors still queued and a pending host SRAR. Registers are
+ * architectural, so either back end loads what either saved; a guest
+ * switched over in the middle of its #MC handler keeps MCIP set and its
+ * banks, and a further error still shuts it down. */
+#define MCE_STATE_VERSION 1
+
+struct mce_state_hdr {
+	uint32_t version, backend;
+	uint64_t mcg_cap;
+	uint32_t ncpus, nbanks;
+};
+
+struct mce_state_vcpu {
+	uint32_t index, qlen;
+	uint64_t mcg_status, mcg_ctl, sig_ar;
+	/* then nbanks x {ctl, status, addr, misc}, then qlen x u64 GPA */
+};
+
+/* Native back end: the registers live in KVM. 0 or -1 (errno). */
+static int native_msrs_rw(struct mce_vcpu *mv, struct mca *a, bool write)
+{
+	unsigned nb = mca_nbanks(a), n = 0;
+	struct { struct kvm_msrs h; struct kvm_msr_entry e[3 + 4 * MCA_BANKS_MAX]; } msrs;
+
+	memset(&msrs, 0, sizeof(msrs));
+	msrs.e[n++] = (struct kvm_msr_entry){ .index = MSR_MCG_STATUS, .data = a->mcg_status };
+	msrs.e[n++] = (struct kvm_msr_entry){ .index = MSR_MCG_CTL, .data = a->mcg_ctl };
+	for (unsigned b = 0; b < nb; b++) {
+		const uint64_t v[4] = { a->bank[b].ctl, a->bank[b].status, a->bank[b].addr, a->bank[b].misc };
+		for (unsigned r = 0; r < 4; r++)
+			msrs.e[n++] = (struct kvm_msr_entry){ .index = MSR_MC0_CTL + 4 * b + r, .data = v[r] };
+	}
+	msrs.h.nmsrs = n;
+	int got = ioctl(mv->fd, write ? KVM_SET_MSRS : KVM_GET_MSRS, &msrs);
+	if (got != (int)n) {
+		if (got >= 0)
+			errno = EINVAL;
+		return -1;
+	}
+	if (!write) {
+		a->mcg_status = msrs.e[0].data;
+		a->mcg_ctl = msrs.e[1].data;
+		for (unsigned b = 0; b < nb; b++) {
+			a->bank[b].ctl = msrs.e[2 + 4 * b].data;
+			a->bank[b].status = msrs.e[3 + 4 * b].data;
+			a->bank[b].addr = msrs.e[4 + 4 * b].data;
+			a->bank[b].misc = msrs.e[5 + 4 * b].data;
+		}
+	}
+	return 0;
+}
+
+void *mce_state_save(struct mce *m, size_t *len, char *err, size_t errlen)
+{
+	static struct mce off = { .backend = MCE_OFF };
+	if (!m)
+		m = &off;
+	unsigned nb = m->backend == MCE_OFF ? 0 : MCA_BANKS;
+	size_t cap = sizeof(struct mce_state_hdr) +
+		     (size_t)m->ncpus * (sizeof(struct mce_state_vcpu) + (4 * nb + MCE_QUEUE) * 8);
+	uint8_t *buf = xcalloc(1, cap), *p = buf;
+	struct mce_state_hdr h = { .version = MCE_STATE_VERSION, .backend = m->backend,
+				   .mcg_cap = m->backend == MCE_OFF ? 0 : m->mcg_cap,
+				   .ncpus = (uint32_t)m->ncpus, .nbanks = nb };
+
+	memcpy(p, &h, sizeof(h));
+	p += sizeof(h);
+	for (int i = 0; i < m->ncpus; i++) {
+		struct mce_vcpu *mv = m->vcpus[i];
+		struct mce_state_vcpu v = { .index = (uint32_t)i };
+		struct mca a;
+
+		mca_init(&a, m->mcg_cap);
+		if (mv) {
+			pthread_mutex_lock(&mv->lock);
+			a = mv->mca;
+			v.qlen = mv->qlen;
+			pthread_mutex_unlock(&mv->lock);
+			if (m->backend == MCE_NATIVE && native_msrs_rw(mv, &a, false) < 0) {
+				snprintf(err, errlen, "vcpu %d: reading the machine-check registers "
+					 "(KVM_GET_MSRS): %s", i, strerror(errno));
+				free(buf);
+				return NULL;
+			}
+			v.sig_ar = atomic_load(&mv->sig_ar);
+		}
+		v.mcg_status = a.mcg_status;
+		v.mcg_ctl = a.mcg_ctl;
+		memcpy(p, &v, sizeof(v));
+		p += sizeof(v);
+		for (unsigned b = 0; b < nb; b++) {
+			const uint64_t r[4] = { a.bank[b].ctl, a.bank[b].status, a.bank[b].addr, a.bank[b].misc };
+			memcpy(p, r, sizeof(r));
+			p += sizeof(r);
+		}
+		if (mv) {
+			pthread_mutex_lock(&mv->lock);
+			for (unsigned k = 0; k < v.qlen; k++) {
+				uint64_t g = mv->queue[(mv->qhead + k) % MCE_QUEUE];
+				memcpy(p, &g, 8);
+				p += 8;
+			}
+			pthread_mutex_unlock(&mv->lock);
+		}
+	}
+	*len = (size_t)(p - buf);
+	return buf;
+}
+
+int mce_state_load(struct mce *m, const void *data, size_t len, char *err, size_t errlen)
+{
+	const uint8_t *p = data, *end = p + len;
+	static struct mce off = { .backend = MCE_OFF };
+	struct mce_state_hdr h;
+
+	if (!m)
+		m = &off;
+	if (len < sizeof(h))
+		return snprintf(err, errlen, "machine-check state: truncated"), -1;
+	memcpy(&h, p, sizeof(h));
+	p += sizeof(h);
+	if (h.version != MCE_STATE_VERSION)
+		return snprintf(err, errlen, "machine-check state version %u (this mdvm reads %u)",
+				h.version, MCE_STATE_VERSION), -1;
+	if ((h.backend == MCE_OFF) != (m->backend == MCE_OFF))
+		return snprintf(err, errlen, "machine checks: %s back end on the source, %s here "
+				"(MDVM_MCE must agree on off)", h.backend < 3 ? backend_names[h.backend] : "?",
+				backend_names[m->backend]), -1;
+	if (m->backend == MCE_OFF)
+		return 0;
+	if (h.mcg_cap != m->mcg_cap || h.nbanks != MCA_BANKS || h.ncpus != (uint32_t)m->ncpus)
+		return snprintf(err, errlen, "machine-check state: MCG_CAP 0x%" PRIx64 ", %u banks, %u vCPUs; "
+				"this VM 0x%" PRIx64 ", %u, %d", h.mcg_cap, h.nbanks, h.ncpus, m->mcg_cap,
+				MCA_BANKS, m->ncpus), -1;
+	for (int i = 0; i < m->ncpus; i++) {
+		struct mce_vcpu *mv = m->vcpus[i];
+		struct mce_state_vcpu v;
+		struct mca a;
+
+		if ((size_t)(end - p) < sizeof(v))
+			return snprintf(err, errlen, "machine-check state: truncated at vcpu %d", i), -1;
+		memcpy(&v, p, sizeof(v));
+		p += sizeof(v);
+		if (v.index != (uint32_t)i || v.qlen > MCE_QUEUE ||
+		    (size_t)(end - p) < (4 * (size_t)h.nbanks + v.qlen) * 8)
+			return snprintf(err, errlen, "machine-check state: bad record for vcpu %d", i), -1;
+		mca_init(&a, m->mcg_cap);
+		a.mcg_status = v.mcg_status;
+		a.mcg_ctl = v.mcg_ctl;
+		for (unsigned b = 0; b < h.nbanks; b++) {
+			uint64_t r[4];
+			memcpy(r, p, sizeof(r));
+			p += sizeof(r);
+			a.bank[b] = (struct mca_bank){ .ctl = r[0], .status = r[1], .addr = r[2], .misc = r[3] };
+		}
+		if (!mv)
+			return snprintf(err, errlen, "machine-check state: vcpu %d has no MCA", i), -1;
+		if (m->backend == MCE_NATIVE && native_msrs_rw(mv, &a, true) < 0)
+			return snprintf(err, errlen, "vcpu %d: loading the machine-check registers "
+					"(KVM_SET_MSRS): %s", i, strerror(errno)), -1;
+		pthread_mutex_lock(&mv->lock);
+		mv->mca = a;
+		mv->qhead = 0;
+		mv->qlen = v.qlen;
+		memcpy(mv->queue, p, v.qlen * 8);
+		atomic_store(&mv->pending, mv->qlen);
+		pthread_mutex_unlock(&mv->lock);
+		p += v.qlen * 8;
+		atomic_store(&mv->sig_ar, v.sig_ar);
+	}
+	if (p != end)
+		return snprintf(err, errlen, "machine-check state: %zu trailing bytes", (size_t)(end - p)), -1;
+	return 0;
+}

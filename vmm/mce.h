@@ -55,6 +55,10 @@ const char *mce_backend_name(struct mce *m);
  * on vCPU `cpu`'s thread, or on the main thread when cpu < 0. */
 int mce_raise_sigbus(struct mce *m, enum mce_kind kind, uint64_t hva, int cpu,
 		     char *err, size_t errlen);
+/* Migration: the MCE section (vCPUs parked). save returns a malloc'd
+ * blob or NULL with err; load: 0 or -1 with err (vCPUs created, not run). */
+void *mce_state_save(struct mce *m, size_t *len, char *err, size_t errlen);
+int  mce_state_load(struct mce *m, const void *p, size_t len, char *err, size_t errlen);
 /* Scheduled injections from `mdvm run --inject-memory-error-at` (cfg). */
 void mce_schedule_config(struct mce *m);
 #endif

@@ -21,7 +21,6 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
-#include <linux/sockios.h>
 #include <sys/un.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -32,7 +31,9 @@
 #include "../devices/virtio_balloon.h"
 #include "../mm/dirty.h"
 #include "../mm/mm.h"
+#include "dirty_kvm.h"
 #include "loop.h"
+#include "mce.h"
 #include "migration.h"
 #include "migration_stream.h"
 #include "qmp.h"
@@ -43,7 +44,8 @@
 #define PAGE 4096ULL
 #define SECTION_CAP (8u << 20)          /* RAM section payload we aim for */
 #define ACK_TIMEOUT_MS 60000
-#define MAX_ITERATIONS 100
+#define MAX_ITERATIONS 100             /* default of x-max-iterations */
+#define SYNC_TIMEOUT_MS 10000
 #define THROTTLE_INITIAL 20
 #define THROTTLE_STEP 10
 #define THROTTLE_MAX 99
@@ -66,12 +68,13 @@ static struct {
 	atomic_bool cancel;
 	char error[256];
 	/* parameters */
-	uint64_t max_bandwidth, downtime_limit;
+	uint64_t max_bandwidth, downtime_limit, max_iterations;
 	/* statistics (under lock when read by query-migrate) */
 	uint64_t start_ns, setup_ns, end_ns, stop_ns, downtime_ns;
 	uint64_t total, transferred, remaining, iterations, dirty_rate, expected_downtime;
 	uint64_t normal_pages, zero_pages, bandwidth;
 	unsigned throttle;
+	bool cap_reached;       /* switched over at max_iterations, over the limit */
 } mig = {
 	.lock = PTHREAD_MUTEX_INITIALIZER,
 	.fd = -1,
@@ -79,6 +82,7 @@ static struct {
 	 * guests wants the link's speed, so the bandwidth default is unlimited. */
 	.max_bandwidth = UINT64_MAX,
 	.downtime_limit = 300,
+	.max_iterations = MAX_ITERATIONS,
 };
 
 /* ---- events go out from the main loop */
@@ -108,6 +112,8 @@ void migration_set_max_bandwidth(uint64_t v) { mig.max_bandwidth = v ? v : UINT6
 void migration_set_downtime_limit(uint64_t v) { mig.downtime_limit = v; }
 uint64_t migration_max_bandwidth(void) { return mig.max_bandwidth; }
 uint64_t migration_downtime_limit(void) { return mig.downtime_limit; }
+void migration_set_max_iterations(uint64_t v) { mig.max_iterations = v ? v : MAX_ITERATIONS; }
+uint64_t migration_max_iterations(void) { return mig.max_iterations; }
 
 bool migration_active(void)
 {
@@ -226,6 +232,7 @@ struct sender {
 	uint64_t ram_pages, data_pages, zero_pages;
 	uint64_t t0, bytes0;    /* rate limiting: start of the current window */
 	bool limit;
+	uint64_t pass1_frames;  /* frames of pass 1 (0 after it): query-migrate's remaining */
 };
 
 static int sec_flush(struct sender *s)
@@ -241,6 +248,9 @@ static int sec_flush(struct sender *s)
 		return rc;
 	pthread_mutex_lock(&mig.lock);
 	mig.transferred = mig_out_bytes(s->o);
+	if (s->pass1_frames)
+		mig.remaining = (s->pass1_frames - (s->ram_pages < s->pass1_frames ? s->ram_pages
+						    : s->pass1_frames)) * PAGE;
 	pthread_mutex_unlock(&mig.lock);
 	if (s->limit && mig.max_bandwidth != UINT64_MAX) {
 		uint64_t sent = mig_out_queued(s->o) - s->bytes0;
@@ -482,6 +492,46 @@ static int wait_ack(int fd, char *err, size_t errlen)
 	return 0;
 }
 
+/* Send a SYNC section and wait until the destination has applied
+ * everything before it: what it still has to load must not count as
+ * downtime, nor hold up the switch-over. 0, or -1 with err. */
+static int sync_destination(struct sender *s, int fd, uint64_t seq, char *err, size_t errlen)
+{
+	struct pollfd pfd = { .fd = fd, .events = POLLIN };
+	uint32_t ack;
+	int rc;
+
+	if ((rc = send_blob_section(s->o, MIG_SEC_SYNC, &seq, sizeof(seq), NULL, 0)) ||
+	    (rc = mig_out_flush(s->o))) {
+		snprintf(err, errlen, "sending the migration stream failed: %s", strerror(-rc));
+		return -1;
+	}
+	do
+		rc = poll(&pfd, 1, SYNC_TIMEOUT_MS);
+	while (rc < 0 && errno == EINTR);
+	if (atomic_load(&mig.cancel)) {
+		snprintf(err, errlen, "migration cancelled");
+		return -1;
+	}
+	if (rc == 0) {
+		snprintf(err, errlen, "destination did not catch up within %d s", SYNC_TIMEOUT_MS / 1000);
+		return -1;
+	}
+	if (mig_read_full(fd, &ack, sizeof(ack)) < 0 || ack != MIG_ACK_SYNC) {
+		snprintf(err, errlen, ack == MIG_ACK_FAIL ? "destination rejected the stream (see its log)"
+			 : "destination closed the connection");
+		return -1;
+	}
+	return 0;
+}
+
+static void emit_stop_now(void)
+{
+	/* From this thread: the event's timestamp is the moment the vCPUs
+	 * are told to stop (downtime as a client measures it starts here). */
+	qmp_emit_event("STOP", NULL);
+}
+
 static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 {
 	struct guest_mem *gm = vm_mem(vm);
@@ -540,10 +590,13 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 	s.bytes0 = mig_out_queued(s.o);
 	s.limit = true;
 	for (uint32_t i = 0; i < cfg.nranges; i++)
+		s.pass1_frames += cfg.ranges[i].size / PAGE;
+	for (uint32_t i = 0; i < cfg.nranges; i++)
 		if ((rc = send_range(&s, cfg.ranges[i].gpa / PAGE, cfg.ranges[i].size / PAGE)))
 			goto io_fail;
 	if ((rc = sec_flush(&s)))
 		goto io_fail;
+	s.pass1_frames = 0;
 
 	/* Iterate. */
 	unsigned iterations = 1, throttle = 0;
@@ -572,8 +625,20 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 		mig.expected_downtime = expected_ms;
 		pthread_mutex_unlock(&mig.lock);
 		stats_update(&s, log);
-		if (expected_ms <= mig.downtime_limit || iterations >= MAX_ITERATIONS)
+		if (remaining * 1000 <= mig.downtime_limit * bw)
 			break;
+		if (iterations >= mig.max_iterations) {
+			/* Not silently: the downtime will exceed the limit. */
+			pr_warn("migration: %u iterations without meeting the downtime limit (%llu MiB "
+				"left, expected %llu ms > %llu ms, throttle %u%%): switching over anyway",
+				iterations, (unsigned long long)(remaining >> 20),
+				(unsigned long long)expected_ms, (unsigned long long)mig.downtime_limit,
+				throttle);
+			pthread_mutex_lock(&mig.lock);
+			mig.cap_reached = true;
+			pthread_mutex_unlock(&mig.lock);
+			break;
+		}
 		/* Auto-converge (as QEMU's): the guest dirtied more than half of
 		 * what the last pass could send -> slow its vCPUs down more. */
 		if (iterations >= 2 && remaining > prev_sent / 2) {
@@ -595,17 +660,34 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 		iterations++;
 	}
 
-	/* Let the destination drain what the socket still holds (up to its
-	 * buffers: milliseconds at these rates) before the clock of the
-	 * downtime starts. */
-	for (int i = 0, q; i < 500; i++) {
-		if (ioctl(fd, SIOCOUTQ, &q) < 0 || q < (64 << 10) || atomic_load(&mig.cancel))
-			break;
-		usleep(1000);
+	/* Before the pause: one more pass over what was dirtied meanwhile,
+	 * then wait until the destination has applied everything (its
+	 * socket buffers and the records it is still writing), so the pause
+	 * covers only the last few pages and the device state. */
+	if (dirty_log_sync(log) < 0) {
+		snprintf(err, errlen, "dirty log sync failed");
+		rc = -1;
+		goto out;
 	}
+	if ((rc = send_dirty(&s, log)))
+		goto io_fail;
+	if (sync_destination(&s, fd, 1, err, errlen) < 0) {
+		rc = -1;
+		goto out;
+	}
+	if (dirty_log_sync(log) < 0) {
+		snprintf(err, errlen, "dirty log sync failed");
+		rc = -1;
+		goto out;
+	}
+	if ((rc = send_dirty(&s, log)))
+		goto io_fail;
 
 	/* Stop and copy. */
 	uint64_t stop_t0 = monotonic_ns();
+	bool was_paused = vm_get_state(vm) == VM_STATE_PAUSED;
+	if (!was_paused)
+		emit_stop_now();
 	if (vm_stop_for_migration(vm) < 0) {
 		snprintf(err, errlen, "the VM stopped running during migration (status %s)",
 			 vm_state_name(vm_get_state(vm)));
@@ -615,7 +697,6 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 	stopped = true;
 	uint64_t t_stopped = monotonic_ns();
 	vm_throttle(vm, 0);
-	loop_call(emit_main, xstrdup("STOP"));
 	set_status(MIG_DEVICE);
 	s.limit = false;
 	if (dirty_log_sync(log) < 0) {
@@ -647,6 +728,15 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 			rc = send_blob_section(s.o, MIG_SEC_VCPU, &idx, 4, b.p, b.len);
 		}
 		free(b.p);
+		size_t ml = 0;
+		void *mb = mce_state_save(vm_mce(vm), &ml, err, errlen);
+		if (!mb) {
+			rc = -1;
+			goto out;
+		}
+		if (!rc)
+			rc = send_blob_section(s.o, MIG_SEC_MCE, NULL, 0, mb, ml);
+		free(mb);
 		uint8_t dev[DEVICE_STATE_MAX];
 		char name[16] = "serial";
 		size_t dl = serial_save(vm_serial(vm), dev, sizeof(dev));
@@ -669,7 +759,8 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 	}
 	uint64_t t_sent_state = monotonic_ns();
 	struct mig_end end = { .sections = mig_out_sections(s.o), .ram_pages = s.ram_pages,
-			       .data_pages = s.data_pages, .ncpus = (uint32_t)vm_ncpus(vm) };
+			       .data_pages = s.data_pages, .ncpus = (uint32_t)vm_ncpus(vm),
+			       .flags = was_paused ? MIG_END_PAUSED : 0 };
 	if ((rc = send_blob_section(s.o, MIG_SEC_END, &end, sizeof(end), NULL, 0)) ||
 	    (rc = mig_out_flush(s.o)))
 		goto io_fail;
@@ -707,7 +798,8 @@ out:
 	mig_out_destroy(s.o);
 	if (stopped) {
 		vm_migration_finish(vm, false);
-		loop_call(emit_main, xstrdup("RESUME"));
+		if (vm_get_state(vm) == VM_STATE_RUNNING)
+			loop_call(emit_main, xstrdup("RESUME"));
 	}
 	return rc;
 }
@@ -748,8 +840,10 @@ int migration_start(struct vm *vm, const char *uri, char *err, size_t errlen)
 		snprintf(err, errlen, "There's a migration process in progress");
 		return -1;
 	}
-	if (vm_get_state(vm) != VM_STATE_RUNNING) {
-		snprintf(err, errlen, "The VM is not running (status: %s)",
+	/* As QEMU: a paused guest migrates too and stays paused on the
+	 * destination. */
+	if (vm_get_state(vm) != VM_STATE_RUNNING && vm_get_state(vm) != VM_STATE_PAUSED) {
+		snprintf(err, errlen, "The VM is not running or paused (status: %s)",
 			 vm_state_name(vm_get_state(vm)));
 		return -1;
 	}
@@ -777,6 +871,7 @@ int migration_start(struct vm *vm, const char *uri, char *err, size_t errlen)
 	mig.transferred = mig.remaining = mig.iterations = mig.dirty_rate = 0;
 	mig.expected_downtime = mig.normal_pages = mig.zero_pages = mig.bandwidth = 0;
 	mig.throttle = 0;
+	mig.cap_reached = false;
 	mig.status = MIG_SETUP;
 	pthread_mutex_unlock(&mig.lock);
 	qmp_emit_event("MIGRATION", json_pack("{s:s}", "status", "setup"));
@@ -842,6 +937,9 @@ json_t *migration_query(struct vm *vm)
 	json_object_set_new(r, "ram", ram);
 	if (mig.throttle)
 		json_object_set_new(r, "cpu-throttle-percentage", json_integer(mig.throttle));
+	if (mig.cap_reached)
+		json_object_set_new(r, "x-iteration-limit-reached", json_true());
+	json_object_set_new(r, "x-dirty-tracking", json_string(dirty_kvm_mode()));
 	if (mig.status == MIG_FAILED && mig.error[0])
 		json_object_set_new(r, "error-desc", json_string(mig.error));
 	pthread_mutex_unlock(&mig.lock);
@@ -854,8 +952,8 @@ struct pending_state {
 	size_t vm_len;
 	uint8_t **vcpu;
 	size_t *vcpu_len;
-	uint8_t *serial, *testdev, *balloon;
-	size_t serial_len, testdev_len, balloon_len;
+	uint8_t *serial, *testdev, *balloon, *mce;
+	size_t serial_len, testdev_len, balloon_len, mce_len;
 };
 
 static struct {
@@ -863,6 +961,7 @@ static struct {
 	int lfd;
 	char path[108];
 	pthread_t thread;
+	bool paused;            /* the source's guest was paused */
 } inc = { .lfd = -1 };
 
 static bool gfn_range_ok(const struct mm_range *r, size_t nr, uint64_t gfn, uint64_t n)
@@ -990,12 +1089,13 @@ static void incoming_fail_main(void *opaque)
 static void incoming_done_main(void *opaque)
 {
 	struct vm *vm = opaque;
-	if (vm_start(vm) < 0) {
+	if ((inc.paused ? vm_start_paused(vm) : vm_start(vm)) < 0) {
 		vm_request_exit(vm, 1, "cannot start the vCPUs after migration");
 		return;
 	}
 	qmp_emit_event("MIGRATION", json_pack("{s:s}", "status", "completed"));
-	qmp_emit_event("RESUME", NULL);
+	if (!inc.paused)
+		qmp_emit_event("RESUME", NULL);
 }
 
 static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
@@ -1047,6 +1147,25 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 		case MIG_SEC_RAM:
 			if (apply_ram(gm, p, len, &pages, &data_pages, err, errlen) < 0)
 				goto out;
+			break;
+		case MIG_SEC_SYNC: {
+			/* Everything before it is applied: tell the source. */
+			uint32_t ack = MIG_ACK_SYNC;
+			if (len != 8) {
+				snprintf(err, errlen, "bad sync section");
+				goto out;
+			}
+			if (mig_write_full(fd, &ack, sizeof(ack)) < 0) {
+				snprintf(err, errlen, "cannot answer the source: %s", strerror(errno));
+				goto out;
+			}
+			break;
+		}
+		case MIG_SEC_MCE:
+			free(ps.mce);
+			ps.mce = xmalloc(len + 1);
+			memcpy(ps.mce, p, len);
+			ps.mce_len = len;
 			break;
 		case MIG_SEC_VM:
 			free(ps.vm_blob);
@@ -1113,6 +1232,11 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 					 (unsigned long long)pages, (unsigned long long)data_pages);
 				goto out;
 			}
+			if (e.flags & ~MIG_END_PAUSED) {
+				snprintf(err, errlen, "end section: unknown flags 0x%x", e.flags);
+				goto out;
+			}
+			inc.paused = e.flags & MIG_END_PAUSED;
 			done = true;
 			break;
 		}
@@ -1120,8 +1244,9 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 		sections++;
 	}
 	/* Everything arrived and checked out: load the state. */
-	if (!ps.vm_blob || !ps.serial || !ps.testdev) {
-		snprintf(err, errlen, "stream lacks %s state", !ps.vm_blob ? "VM" : "device");
+	if (!ps.vm_blob || !ps.serial || !ps.testdev || !ps.mce) {
+		snprintf(err, errlen, "stream lacks %s state", !ps.vm_blob ? "VM" :
+			 !ps.mce ? "machine-check" : "device");
 		goto out;
 	}
 	for (int i = 0; i < ncpus; i++)
@@ -1134,6 +1259,9 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 	for (int i = 0; i < ncpus; i++)
 		if (vmstate_load_vcpu(vm, i, ps.vcpu[i], ps.vcpu_len[i], err, errlen) < 0)
 			goto out;
+	/* After the vCPUs' MSRs: the native back end's registers are MSRs too. */
+	if (mce_state_load(vm_mce(vm), ps.mce, ps.mce_len, err, errlen) < 0)
+		goto out;
 	if (serial_load(vm_serial(vm), ps.serial, ps.serial_len) < 0 ||
 	    testdev_load(vm_testdev(vm), ps.testdev, ps.testdev_len) < 0) {
 		snprintf(err, errlen, "device state not accepted (version mismatch?)");
@@ -1155,6 +1283,7 @@ out:
 	free(ps.serial);
 	free(ps.testdev);
 	free(ps.balloon);
+	free(ps.mce);
 	for (int i = 0; i < ncpus; i++)
 		free(ps.vcpu[i]);
 	free(ps.vcpu);

@@ -22,6 +22,10 @@ void migration_set_max_bandwidth(uint64_t bytes_per_s);
 void migration_set_downtime_limit(uint64_t ms);
 uint64_t migration_max_bandwidth(void);
 uint64_t migration_downtime_limit(void);
+/* Iterations before switching over even if the downtime limit is not met
+ * (x-max-iterations; 0 restores the default, 100). */
+void migration_set_max_iterations(uint64_t n);
+uint64_t migration_max_iterations(void);
 
 /* Destination: listen now (so the socket exists before the control
  * socket does), receive in a thread, start the vCPUs once everything

@@ -8,10 +8,11 @@
 #include <stdint.h>
 
 #define MIG_MAGIC        "MDVM-MIG"
-#define MIG_VERSION      1
+#define MIG_VERSION      2        /* 2: SYNC and MCE sections, END flags */
 #define MIG_SECTION_MAX  (16u << 20)      /* payload bytes */
 #define MIG_ACK_OK       0x4b4f4b4fu      /* "OKOK": destination loaded everything */
 #define MIG_ACK_FAIL     0x4c494146u      /* "FAIL" */
+#define MIG_ACK_SYNC     0x434e5953u      /* "SYNC": everything before the SYNC section is loaded */
 
 enum mig_section_type {
 	MIG_SEC_CONFIG = 1,   /* guest shape: RAM ranges, vCPUs */
@@ -20,6 +21,8 @@ enum mig_section_type {
 	MIG_SEC_VCPU,         /* one vCPU */
 	MIG_SEC_DEVICE,       /* one device: name + its own blob */
 	MIG_SEC_END,          /* totals; nothing follows */
+	MIG_SEC_SYNC,         /* u64 sequence: the destination answers MIG_ACK_SYNC once applied */
+	MIG_SEC_MCE,          /* machine-check registers and queued errors (vmm/mce.c) */
 	MIG_SEC_NR,
 };
 
@@ -61,8 +64,9 @@ struct mig_end {
 	uint64_t ram_pages;   /* frames covered by RAM records */
 	uint64_t data_pages;  /* pages carrying data */
 	uint32_t ncpus;
-	uint32_t pad;
+	uint32_t flags;       /* MIG_END_PAUSED */
 };
+#define MIG_END_PAUSED 1u     /* the source's guest was paused: the destination stays paused */
 
 uint32_t crc32c(uint32_t crc, const void *buf, size_t len);
 

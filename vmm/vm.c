@@ -58,6 +58,7 @@ struct vm {
 	pthread_cond_t cond;
 	enum vm_state state;
 	bool pause_req, exiting;
+	bool mig_was_paused;      /* vm_stop_for_migration found it paused */
 	int parked;               /* vCPU threads waiting in vcpu_park() */
 	int exit_code;
 	struct mce *mce;
@@ -620,7 +621,9 @@ fail:
 	return NULL;
 }
 
-int vm_start(struct vm *vm)
+/* paused: incoming migration of a paused guest; the threads park at
+ * once (pause_req is still set from creation) until `cont`. */
+static int vm_spawn_vcpus(struct vm *vm, bool paused)
 {
 	for (int i = 0; i < vm->ncpus; i++) {
 		struct vcpu *v = &vm->vcpus[i];
@@ -632,12 +635,15 @@ int vm_start(struct vm *vm)
 		v->started = true;
 	}
 	pthread_mutex_lock(&vm->lock);
-	vm->state = VM_STATE_RUNNING;
-	vm->pause_req = false;
+	vm->state = paused ? VM_STATE_PAUSED : VM_STATE_RUNNING;
+	vm->pause_req = paused;
 	pthread_cond_broadcast(&vm->cond);
 	pthread_mutex_unlock(&vm->lock);
 	return 0;
 }
+
+int vm_start(struct vm *vm) { return vm_spawn_vcpus(vm, false); }
+int vm_start_paused(struct vm *vm) { return vm_spawn_vcpus(vm, true); }
 
 void vm_destroy(struct vm *vm)
 {
@@ -860,12 +866,16 @@ struct testdev *vm_testdev(struct vm *vm) { return vm->testdev; }
 
 int vm_stop_for_migration(struct vm *vm)
 {
-	if (vm_get_state(vm) != VM_STATE_RUNNING)
+	enum vm_state s = vm_get_state(vm);
+
+	if (s != VM_STATE_RUNNING && s != VM_STATE_PAUSED)
 		return -1;
-	vm_park_all(vm);
+	vm_park_all(vm);   /* a paused VM's vCPUs are parked already */
 	pthread_mutex_lock(&vm->lock);
-	if (vm->state == VM_STATE_RUNNING)
+	if (vm->state == VM_STATE_RUNNING || vm->state == VM_STATE_PAUSED) {
+		vm->mig_was_paused = vm->state == VM_STATE_PAUSED;
 		vm->state = VM_STATE_FINISH_MIGRATE;
+	}
 	pthread_mutex_unlock(&vm->lock);
 	return 0;
 }
@@ -874,7 +884,8 @@ void vm_migration_finish(struct vm *vm, bool completed)
 {
 	pthread_mutex_lock(&vm->lock);
 	if (vm->state == VM_STATE_FINISH_MIGRATE)
-		vm->state = completed ? VM_STATE_POSTMIGRATE : VM_STATE_RUNNING;
+		vm->state = completed ? VM_STATE_POSTMIGRATE :
+			    vm->mig_was_paused ? VM_STATE_PAUSED : VM_STATE_RUNNING;
 	bool resume = vm->state == VM_STATE_RUNNING;
 	pthread_mutex_unlock(&vm->lock);
 	if (resume)

@@ -32,6 +32,7 @@ struct vcpu_info {
 
 struct vm *vm_create(const struct vm_config *cfg, char *err, size_t errlen);
 int  vm_start(struct vm *vm);        /* spawn vCPU threads, running */
+int  vm_start_paused(struct vm *vm); /* spawn them parked: paused (incoming migration) */
 void vm_destroy(struct vm *vm);
 
 enum vm_state vm_get_state(struct vm *vm);
@@ -80,9 +81,9 @@ int  vm_fd(struct vm *vm);
 int  vm_vcpu_fd(struct vm *vm, int index);
 struct serial *vm_serial(struct vm *vm);
 struct testdev *vm_testdev(struct vm *vm);
-/* Park the vCPUs with their last I/O completed, RUNNING -> FINISH_MIGRATE. */
+/* Park the vCPUs with their last I/O completed, RUNNING|PAUSED -> FINISH_MIGRATE. */
 int  vm_stop_for_migration(struct vm *vm);
-/* completed: -> POSTMIGRATE (vCPUs stay parked); else back to RUNNING. */
+/* completed: -> POSTMIGRATE (vCPUs stay parked); else back to RUNNING or PAUSED. */
 void vm_migration_finish(struct vm *vm, bool completed);
 void vm_set_incoming(struct vm *vm);            /* PRELAUNCH -> INMIGRATE */
 void vm_throttle(struct vm *vm, unsigned pct);  /* vCPUs sleep pct% of the time; any thread */

@@ -292,3 +292,39 @@ def test_system_reset_replaces_poisoned_pages(vm_factory):
     assert vm.pmemsave(0x500000, PAGE) == bytes(PAGE)        # fresh, zeroed
     assert vm.guest("fill base=0x500000 size=4K gen=2") == (0, "fill: done pages=1 gen=2")
     assert vm.guest("verify base=0x500000 size=4K gen=2") == (0, "verify: ok pages=1")
+
+
+def test_mcip_survives_migration(backend, vm_factory, tmp_path):
+    """Switch over while the guest's #MC handler still holds MCG_STATUS.MCIP:
+    the destination gets the same MCA registers and the SRAO still queued
+    behind MCIP (the MCE section), so another error there still shuts the
+    CPU down."""
+    src = start_walker(vm_factory)
+    assert src.guest("mce hold=1")[0] == 0
+    # a and c outside the walk: the walk cannot touch them between the
+    # error and the handler (that would be an #MC during the #MC already).
+    a, c, b = (8 << 20) + 0x10000, (8 << 20) + 0x20000, WALK_BASE + 0x70000
+    src.qmp.cmd("inject-memory-error", gpa=a)
+    wait_mce(src, a, "SRAO")
+    src.wait_console("mce: holding MCG_STATUS.MCIP")   # the handler is done with the banks
+    src.qmp.cmd("inject-memory-error", gpa=c)        # waits behind MCIP
+    assert src.qmp.cmd("query-mce")["vcpus"][0]["queued"] == 1
+    uri = "unix:" + str(tmp_path / "mig.sock")
+    dst = vm_factory(cmdline="idle", memory=MEM, extra=["--incoming", uri]).start(wait_banner=False)
+    src.qmp.cmd("migrate", uri=uri)
+    deadline = time.time() + 60
+    while src.qmp.cmd("query-migrate").get("status") not in ("completed", "failed", "cancelled"):
+        assert time.time() < deadline
+        time.sleep(0.02)
+    assert src.qmp.cmd("query-migrate")["status"] == "completed"
+    dst.qmp.wait_event("RESUME")
+    v, w = src.qmp.cmd("query-mce")["vcpus"][0], dst.qmp.cmd("query-mce")["vcpus"][0]
+    assert w == v and w["queued"] == 1, (v, w)
+    if backend == "emulated":
+        assert w["mcg-status"] == 0x5 and w["banks"] == []     # MCIP | RIPV; bank read and cleared
+    assert {a, c} <= set(dst.qmp.cmd("query-mce")["poisoned-pages"])
+    assert "0x%x" % c not in dst.console_text()                # still not delivered
+    # A second error during the first's handling is a shutdown, as on the source.
+    dst.qmp.cmd("inject-memory-error", gpa=b, kind="action-required")
+    assert dst.wait_exit(20) == 0
+    assert "MCG_STATUS.MCIP was set" in dst.stderr()

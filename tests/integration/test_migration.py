@@ -69,7 +69,7 @@ def test_walk_while_migrating_unix(vm_factory, tmp_path):
     src.qmp.cmd("migrate", uri=uri)
     r = wait_migration(src)
     assert r["status"] == "completed", r
-    assert r["ram"]["dirty-sync-count"] >= 2, r
+    assert r["ram"]["dirty-sync-count"] >= 2 and r["x-dirty-tracking"] == "ring", r
     assert r["ram"]["transferred"] > WALK_SIZE
     assert "downtime" in r
     statuses = []
@@ -274,3 +274,82 @@ def test_config_mismatch_and_bad_uri(vm_factory, tmp_path):
         src.qmp.cmd("migrate", uri="unix:" + str(tmp_path / "nobody.sock"))
     assert "Failed to connect" in str(e.value)
     assert src.qmp.cmd("query-status")["status"] == "running"
+
+
+def test_walk_while_migrating_bitmap(vm_factory, tmp_path, monkeypatch):
+    """The same as the first test on KVM's dirty bitmap (KVM_GET_DIRTY_LOG +
+    KVM_CLEAR_DIRTY_LOG) instead of the dirty ring."""
+    monkeypatch.setenv("MDVM_DIRTY", "bitmap")
+    src = vm_factory(cmdline="idle", memory=MEM).start()
+    uri = "unix:" + str(tmp_path / "bm.sock")
+    dst = dest(vm_factory, uri)
+    assert src.guest("walk base=%d size=%d" % (WALK_BASE, WALK_SIZE))[0] == 0
+    wait_sweeps(src, 3)
+    src.qmp.cmd("migrate-set-parameters", downtime_limit=1, max_bandwidth=32 << 20)
+    src.qmp.cmd("migrate", uri=uri)
+    r = wait_migration(src)
+    assert r["status"] == "completed", r
+    assert r["ram"]["dirty-sync-count"] >= 2 and r["x-dirty-tracking"] == "bitmap", r
+    dst.qmp.wait_event("RESUME")
+    dst.qmp.cmd("stop")
+    check_walk_consistent(dst.pmemsave(WALK_BASE, WALK_SIZE))
+    dst.qmp.cmd("cont")
+    wait_sweeps(dst, 3)
+
+
+def test_iteration_limit_switches_over_clearly(vm_factory, tmp_path):
+    """A downtime limit the walking guest can never meet (0 ms) and a cap
+    of 3 iterations: the migration switches over at the cap, says so
+    (query-migrate, stderr), and the guest arrives intact."""
+    src = vm_factory(cmdline="idle", memory=MEM).start()
+    uri = "unix:" + str(tmp_path / "cap.sock")
+    dst = dest(vm_factory, uri)
+    assert src.guest("walk base=%d size=%d" % (WALK_BASE, WALK_SIZE))[0] == 0
+    wait_sweeps(src, 2)
+    src.qmp.cmd("migrate-set-parameters", downtime_limit=0, max_bandwidth=32 << 20, x_max_iterations=3)
+    assert src.qmp.cmd("query-migrate-parameters")["x-max-iterations"] == 3
+    src.qmp.cmd("migrate", uri=uri)
+    r = wait_migration(src)
+    assert r["status"] == "completed", r
+    assert r["ram"]["dirty-sync-count"] == 3 and r.get("x-iteration-limit-reached") is True, r
+    assert "3 iterations without meeting the downtime limit" in src.stderr()
+    dst.qmp.wait_event("RESUME")
+    dst.qmp.cmd("stop")
+    check_walk_consistent(dst.pmemsave(WALK_BASE, WALK_SIZE))
+
+
+def test_paused_vm_migrates_paused(vm_factory, tmp_path):
+    """As QEMU: a paused guest migrates and stays paused on the destination
+    until `cont`."""
+    src = vm_factory(cmdline="idle", memory=MEM).start()
+    assert src.guest("fill base=8M size=512K gen=5")[0] == 0
+    src.qmp.cmd("stop")
+    uri = "unix:" + str(tmp_path / "p.sock")
+    dst = dest(vm_factory, uri)
+    src.qmp.cmd("migrate", uri=uri)
+    r = wait_migration(src)
+    assert r["status"] == "completed", r
+    assert src.qmp.cmd("query-status")["status"] == "postmigrate"
+    st = None
+    deadline = time.time() + 20
+    while st != "paused":
+        assert time.time() < deadline, st
+        st = dst.qmp.cmd("query-status")["status"]
+        time.sleep(0.02)
+    assert not [e for e in dst.qmp.events if e["event"] == "RESUME"]
+    dst.qmp.cmd("cont")
+    dst.qmp.wait_event("RESUME")
+    assert dst.guest("verify base=8M size=512K gen=5") == (0, "verify: ok pages=128")
+
+
+def test_paused_source_stays_paused_on_failure(vm_factory, tmp_path):
+    src = vm_factory(cmdline="idle", memory=MEM).start()
+    src.qmp.cmd("stop")
+    uri = "unix:" + str(tmp_path / "pf.sock")
+    dst = vm_factory(cmdline="idle", memory="32M", extra=["--incoming", uri]).start(wait_banner=False)
+    src.qmp.cmd("migrate", uri=uri)
+    assert wait_migration(src)["status"] == "failed"
+    assert dst.wait_exit(20) == 1
+    assert src.qmp.cmd("query-status")["status"] == "paused"
+    src.qmp.cmd("cont")
+    assert src.guest("status")[0] == 0
