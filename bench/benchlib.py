@@ -410,10 +410,13 @@ class Proc:
         return self.p.poll() is None
 
     def wait_exit(self, timeout=30):
-        """Returns (exit status, ns of exit)."""
+        """Returns (exit status, ns of exit), once stdout and stderr are read to
+        their end too (the last lines may still sit in the pipes at exit)."""
         self._waiter.join(timeout)
         if self._waiter.is_alive():
             raise TimeoutError("%s did not exit within %ss" % (self.name, timeout))
+        for st in (self.out, self.err):
+            st.th.join(10)   # a child the VMM forked may hold the pipe: do not wait forever
         return self.p.returncode, self.exit_ns
 
     def kill(self):
