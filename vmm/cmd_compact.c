@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include "../mm/migrate.h"
 #include "commands.h"
 #include "cmd_compact.h"
@@ -254,6 +255,8 @@ static void cmd_migrate_range(struct qmp_req *req, json_t *args, void *opaque)
 		qmp_reply_error(req, "GenericError", "userfaultfd write-protect is not available here");
 		return;
 	}
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (uint64_t g = gpa >> 12; g < (gpa + size + 4095) >> 12;) {
 		struct folio *f = folio_get_gfn(gm, g);
 		uint64_t next = f ? folio_gfn(f) + folio_nr_pages(f) : g + 1;
@@ -270,7 +273,10 @@ static void cmd_migrate_range(struct qmp_req *req, json_t *args, void *opaque)
 		g = next;
 	}
 	mm_migrate_end(gm, &c);
-	json_t *o = json_pack("{s:s,s:I,s:I,s:I,s:I,s:I}", "method", mm_migrate_method_name(c.method),
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	json_t *o = json_pack("{s:s,s:I,s:I,s:I,s:I,s:I,s:I}", "method", mm_migrate_method_name(c.method),
+			      "time-ns", (json_int_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL +
+						      (t1.tv_nsec - t0.tv_nsec)),
 			      "folios-moved", (json_int_t)c.st.folios_moved,
 			      "bytes-moved", (json_int_t)c.st.bytes_moved, "not-moved", (json_int_t)refused,
 			      "longest-stop-ns", (json_int_t)c.st.pause_ns_max,
