@@ -6,7 +6,11 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <time.h>
+
+#include "../mm/dirty.h"
 #include "../mm/mm.h"
+#include "dirty_kvm.h"
 #include "commands.h"
 #include "migration.h"
 #include "qmp.h"
@@ -134,8 +138,72 @@ static void cmd_fill_random(struct qmp_req *req, json_t *args, void *opaque)
 	qmp_reply_ok(req, NULL);
 }
 
+/* x-debug-dirty-harvest {rounds, interval-ms}: open a dirty log, then
+ * time `rounds` syncs (KVM harvest + folio fold) and takes, interval-ms
+ * apart (the guest dirties pages meanwhile). For bench/areas/dirty.py.
+ * Blocks the main loop for rounds x interval-ms. */
+static int count_cb(void *opaque, uint64_t gfn, uint64_t nr)
+{
+	*(uint64_t *)opaque += nr;
+	return 0;
+}
+
+static void cmd_dirty_harvest(struct qmp_req *req, json_t *args, void *opaque)
+{
+	static const struct arg_spec spec[] = {
+		{ "rounds", ARG_UINT, true },
+		{ "interval-ms", ARG_UINT, true },
+		{ NULL },
+	};
+	struct guest_mem *gm = vm_mem(opaque);
+	struct dirty_tracker *t = dirty_tracker_of(gm);
+	struct dirty_log *log;
+	struct mm_range r[8];
+	char err[256];
+
+	if (!args_check(req, args, spec))
+		return;
+	uint64_t rounds = arg_uint(args, "rounds", 5), ival = arg_uint(args, "interval-ms", 20);
+	if (!rounds || rounds > 100 || ival > 1000) {
+		qmp_reply_error(req, "GenericError", "rounds must be 1..100 and interval-ms 0..1000");
+		return;
+	}
+	if (migration_active()) {
+		qmp_reply_error(req, "GenericError", "a migration is in progress");
+		return;
+	}
+	if (!t || !(log = dirty_log_open(t, err, sizeof(err)))) {
+		qmp_reply_error(req, "GenericError", "%s", t ? err : "no dirty tracker");
+		return;
+	}
+	size_t nr = mm_ram_ranges(gm, r, 8);
+	if (nr > 8)
+		nr = 8;
+	json_t *arr = json_array();
+	dirty_log_sync(log);
+	for (size_t i = 0; i < nr; i++)
+		dirty_log_take(log, r[i].gpa >> 12, r[i].size >> 12, count_cb, &(uint64_t){ 0 });
+	for (uint64_t k = 0; k < rounds; k++) {
+		struct timespec ts = { .tv_sec = (time_t)(ival / 1000), .tv_nsec = (long)(ival % 1000) * 1000000L };
+		uint64_t frames = 0;
+		nanosleep(&ts, NULL);
+		uint64_t t0 = monotonic_ns();
+		long got = dirty_log_sync(log);
+		uint64_t t1 = monotonic_ns();
+		for (size_t i = 0; i < nr; i++)
+			dirty_log_take(log, r[i].gpa >> 12, r[i].size >> 12, count_cb, &frames);
+		uint64_t t2 = monotonic_ns();
+		json_array_append_new(arr, json_pack("{s:I,s:I,s:I}", "sync-ns", (json_int_t)(t1 - t0),
+			"take-ns", (json_int_t)(t2 - t1), "frames", (json_int_t)(got < 0 ? 0 : frames)));
+	}
+	dirty_log_close(log);
+	qmp_reply_ok(req, json_pack("{s:s,s:I,s:o}", "mode", dirty_kvm_mode(),
+				    "ram-bytes", (json_int_t)mm_ram_size(gm), "rounds", arr));
+}
+
 void commands_register_migration(struct vm *vm)
 {
+	qmp_register("x-debug-dirty-harvest", cmd_dirty_harvest, vm);
 	qmp_register("migrate", cmd_migrate, vm);
 	qmp_register("migrate_cancel", cmd_migrate_cancel, vm);
 	qmp_register("query-migrate", cmd_query_migrate, vm);

@@ -553,7 +553,7 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 	size_t nr = mm_ram_ranges(gm, cfg.ranges, 8);
 	cfg.nranges = (uint32_t)(nr > 8 ? 8 : nr);
 	pthread_mutex_lock(&mig.lock);
-	mig.total = cfg.ram_size;
+	mig.total = mig.remaining = cfg.ram_size;
 	pthread_mutex_unlock(&mig.lock);
 
 	h.crc = crc32c(0, &h, 12);

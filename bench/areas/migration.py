@@ -141,7 +141,7 @@ def qemu_once(b, memory, data, transport, progress=None):
 def run(b):
     cases = [
         ("1 GiB idle", b.pick("1G", "64M"), 0),
-        ("1 GiB, 512 MiB random data", b.pick("1G", "64M"), b.pick(512 * MiB, 8 * MiB)),
+        ("1 GiB, 512 MiB random data", b.pick("1G", "128M"), b.pick(512 * MiB, 8 * MiB)),
         ("4 GiB idle, mostly untouched", b.pick("4G", "256M"), 0),
     ]
     t = b.table(TITLE, intro="Source and destination on this machine; max-bandwidth 100 GB/s and "

@@ -18,6 +18,19 @@ SRAO_STATUS = 0xBD000000000000C0
 SRAR_STATUS = 0xBD80000000000134
 
 
+@pytest.fixture
+def vm_factory(vm_factory):
+    """Guest RAM on THP unless a test asks otherwise: with hugepages free on
+    the host (other tests reserve them), --backing auto picks hugetlb, where
+    accesses to a poisoned page are not caught (docs/memory-errors.md)."""
+    def make(**kw):
+        extra = list(kw.pop("extra", []))
+        if "--backing" not in extra:
+            extra += ["--backing", "thp"]
+        return vm_factory(extra=extra, **kw)
+    return make
+
+
 @pytest.fixture(params=["native", "emulated"])
 def backend(request, monkeypatch):
     monkeypatch.setenv("MDVM_MCE", request.param)
@@ -328,3 +341,17 @@ def test_mcip_survives_migration(backend, vm_factory, tmp_path):
     dst.qmp.cmd("inject-memory-error", gpa=b, kind="action-required")
     assert dst.wait_exit(20) == 0
     assert "MCG_STATUS.MCIP was set" in dst.stderr()
+
+
+@pytest.mark.xfail(strict=True, reason="hugetlb backing: the poisoned 4 KiB page stays mapped inside "
+                   "its 2 MiB host page, so the guest's access is not caught (docs/memory-errors.md)")
+def test_action_required_hugetlb(vm_factory):
+    # --reserve-hugepages raises vm.nr_hugepages and mdvm restores it on exit.
+    vm = vm_factory(cmdline="idle", memory=MEM, extra=["--backing", "hugetlb", "--reserve-hugepages"]).start()
+    if "backing: hugetlb" not in vm.stderr():
+        pytest.skip("no hugetlb backing here: " + vm.stderr().splitlines()[0])
+    assert vm.guest("fill base=8M size=8K gen=2")[0] == 0
+    vm.qmp.cmd("inject-memory-error", gpa=(8 << 20) + PAGE, kind="action-required")
+    st, text = vm.guest("verify base=8M size=8K gen=2")
+    assert (st, text) == (0, "verify: ok pages=1 poisoned=1"), text
+    wait_mce(vm, (8 << 20) + PAGE, "SRAR", timeout=5)
