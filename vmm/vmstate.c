@@ -77,12 +77,22 @@ static int msr_list_init(struct vm *vm, int vcpu_fd, char *err, size_t errlen)
 		goto out;
 	}
 	msr_list = xcalloc(l->nmsrs + 1, sizeof(uint32_t));
-	for (uint32_t i = 0; i < l->nmsrs; i++) {
-		struct { struct kvm_msrs h; struct kvm_msr_entry e; } one = {
-			.h.nmsrs = 1, .e.index = l->indices[i] };
-		if (ioctl(vcpu_fd, KVM_GET_MSRS, &one) == 1)
-			msr_list[msr_count++] = l->indices[i];
+	/* KVM_GET_MSRS reads up to the first MSR it cannot: one ioctl per
+	 * unreadable MSR, not per MSR. Each waits for the running vCPU to
+	 * leave KVM_RUN (vcpu->mutex): with a busy nested guest, ~0.1 s. */
+	struct kvm_msrs *m = xcalloc(1, sizeof(*m) + l->nmsrs * sizeof(struct kvm_msr_entry));
+	for (uint32_t i = 0; i < l->nmsrs;) {
+		m->nmsrs = l->nmsrs - i;
+		for (uint32_t k = 0; k < m->nmsrs; k++)
+			m->entries[k] = (struct kvm_msr_entry){ .index = l->indices[i + k] };
+		int got = ioctl(vcpu_fd, KVM_GET_MSRS, m);
+		if (got < 0)
+			got = 0;
+		for (int k = 0; k < got; k++)
+			msr_list[msr_count++] = l->indices[i + k];
+		i += (uint32_t)got + 1;   /* skip the one it stopped at */
 	}
+	free(m);
 	free(l);
 out:
 	pthread_mutex_unlock(&msr_lock);
@@ -237,11 +247,22 @@ int vmstate_load_vcpu(struct vm *vm, int index, const void *p, size_t len, char 
 			done++;
 		}
 	}
+	/* KVM drops a TSC-deadline write unless the LAPIC timer is already in
+	 * TSC-deadline mode: write it again once the LAPIC is loaded, or a
+	 * Linux guest never gets its next timer interrupt. */
+	struct { struct kvm_msrs h; struct kvm_msr_entry e; } deadline = { .h.nmsrs = 0 };
+	for (uint32_t i = 0; i < msrs->nmsrs; i++)
+		if (msrs->entries[i].index == 0x6e0 /* MSR_IA32_TSC_DEADLINE */) {
+			deadline.e = msrs->entries[i];
+			deadline.h.nmsrs = 1;
+		}
 	free(msrs);
 	if (ioctl(fd, KVM_SET_MP_STATE, item[VS_MPSTATE]) < 0)
 		return VERR("vcpu %d: KVM_SET_MP_STATE: %s", index, strerror(errno));
 	if (ioctl(fd, KVM_SET_LAPIC, item[VS_LAPIC]) < 0)
 		return VERR("vcpu %d: KVM_SET_LAPIC: %s", index, strerror(errno));
+	if (deadline.h.nmsrs && ioctl(fd, KVM_SET_MSRS, &deadline) != 1)
+		return VERR("vcpu %d: KVM_SET_MSRS (TSC deadline): %s", index, strerror(errno));
 	if (ioctl(fd, KVM_SET_VCPU_EVENTS, item[VS_EVENTS]) < 0)
 		return VERR("vcpu %d: KVM_SET_VCPU_EVENTS: %s", index, strerror(errno));
 	if (item[VS_DEBUGREGS] && ilen[VS_DEBUGREGS] == sizeof(struct kvm_debugregs) &&
