@@ -152,3 +152,10 @@ uint64_t mca_status_srao(void) { return mem_error_common | MCA_CODE_SCRUB; }
 uint64_t mca_status_srar(void) { return mem_error_common | MCI_STATUS_AR | MCA_CODE_DATA_LOAD; }
 uint64_t mca_mcg_status_srao(void) { return MCG_STATUS_MCIP | MCG_STATUS_RIPV; }
 uint64_t mca_mcg_status_srar(void) { return MCG_STATUS_MCIP | MCG_STATUS_EIPV; }
+
+static const uint64_t amd_common = MCI_STATUS_VAL | MCI_STATUS_EN | MCI_STATUS_MISCV |
+				   MCI_STATUS_ADDRV | MCI_STATUS_POISON;
+
+/* S as well: with MCG_SER_P Linux leaves banks without S to its poll. */
+uint64_t mca_status_amd_consumed(void) { return amd_common | MCI_STATUS_UC | MCI_STATUS_S; }
+uint64_t mca_status_amd_deferred(void) { return amd_common | MCI_STATUS_DEFERRED; }

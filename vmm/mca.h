@@ -34,6 +34,8 @@
 #define MCI_STATUS_PCC   (1ULL << 57)
 #define MCI_STATUS_S     (1ULL << 56)
 #define MCI_STATUS_AR    (1ULL << 55)
+#define MCI_STATUS_DEFERRED (1ULL << 44) /* AMD: uncorrected, not yet consumed (no #MC) */
+#define MCI_STATUS_POISON (1ULL << 43) /* AMD: the address holds poisoned data */
 
 /* MCA error codes (SDM table 15-9/15-20): SRAO memory scrubbing, SRAR data load. */
 #define MCA_CODE_SCRUB   0x00c0
@@ -83,4 +85,10 @@ uint64_t mca_status_srao(void);
 uint64_t mca_status_srar(void);
 uint64_t mca_mcg_status_srao(void);   /* MCIP | RIPV */
 uint64_t mca_mcg_status_srar(void);   /* MCIP | EIPV, RIPV = 0 */
+/* AMD has no SRAO/SRAR: a consumed error is UC + POISON (Linux grades any UC
+ * error in user context as action required, given CPUID SUCCOR), a patrol
+ * scrub error is a deferred error, logged without #MC and found by the OS's
+ * poll of the banks. Encoded as QEMU does (MCACOD 0). */
+uint64_t mca_status_amd_consumed(void);
+uint64_t mca_status_amd_deferred(void);
 #endif

@@ -1,5 +1,6 @@
 /* Memory errors as machine checks: back ends, vCPU hooks, host SIGBUS
  * handling (see mce.h and docs/memory-errors.md). */
+#include <cpuid.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <linux/kvm.h>
@@ -66,6 +67,7 @@ struct mce {
 	struct guest_mem *gm;
 	enum mce_backend backend;
 	uint64_t mcg_cap;
+	bool amd;                      /* AMD encoding (MDVM_MCE_ENCODING) */
 	int ncpus;
 	struct mce_vcpu **vcpus;
 	/* For the SIGBUS handler: read-only after creation. */
@@ -204,11 +206,19 @@ static void deliver(struct mce_vcpu *mv, uint64_t gpa, enum mce_kind kind)
 	uint64_t mcg = ar ? mca_mcg_status_srar() : mca_mcg_status_srao();
 	uint64_t addr = gpa & ~(MM_PAGE_SIZE - 1);
 
+	if (m->amd) {
+		status = ar ? mca_status_amd_consumed() : mca_status_amd_deferred();
+		/* RIPV too, as QEMU: Linux before 6.4 kills the task without
+		 * memory_failure() (no SIGBUS BUS_MCEERR_AR) when RIPV is clear. */
+		mcg |= MCG_STATUS_RIPV;
+	}
+	/* An AMD deferred error is only logged: no #MC, the guest polls. */
+	bool signal = status & MCI_STATUS_UC;
 	if (m->backend == MCE_NATIVE) {
 		struct kvm_x86_mce mce = { .status = status, .addr = addr, .misc = MCI_MISC_PHYS_4K,
-					   .mcg_status = mcg, .bank = MCA_MEM_BANK };
-		bool mcip = vcpu_mcip(mv);
-		if (mcip || !vcpu_cr4_mce(mv)) {
+					   .mcg_status = signal ? mcg : 0, .bank = MCA_MEM_BANK };
+		bool mcip = signal && vcpu_mcip(mv);
+		if (signal && (mcip || !vcpu_cr4_mce(mv))) {
 			machine_check_shutdown(mv, addr, ar, mcip);
 			return;
 		}
@@ -216,7 +226,7 @@ static void deliver(struct mce_vcpu *mv, uint64_t gpa, enum mce_kind kind)
 			pr_err("vcpu %d: KVM_X86_SET_MCE failed: %s", mv->index, strerror(errno));
 			return;
 		}
-		mv->just_injected = true;
+		mv->just_injected = signal;
 		mv->just_injected_ar = ar;
 	} else {
 		bool cr4 = vcpu_cr4_mce(mv);
@@ -224,7 +234,8 @@ static void deliver(struct mce_vcpu *mv, uint64_t gpa, enum mce_kind kind)
 
 		pthread_mutex_lock(&mv->lock);
 		bool mcip = mv->mca.mcg_status & MCG_STATUS_MCIP;
-		r = mca_inject(&mv->mca, MCA_MEM_BANK, status, addr, MCI_MISC_PHYS_4K, mcg, cr4);
+		r = mca_inject(&mv->mca, MCA_MEM_BANK, status, addr, MCI_MISC_PHYS_4K,
+			       signal ? mcg : mv->mca.mcg_status, cr4);
 		pthread_mutex_unlock(&mv->lock);
 		if (r == MCA_INJECT_SHUTDOWN) {
 			machine_check_shutdown(mv, addr, ar, mcip);
@@ -238,6 +249,8 @@ static void deliver(struct mce_vcpu *mv, uint64_t gpa, enum mce_kind kind)
 				MCA_MEM_BANK);
 			return;
 		}
+		if (r == MCA_INJECT_LOGGED)
+			goto logged;
 		struct kvm_vcpu_events ev;
 		if (ioctl(mv->fd, KVM_GET_VCPU_EVENTS, &ev) < 0) {
 			pr_err("vcpu %d: KVM_GET_VCPU_EVENTS failed: %s", mv->index, strerror(errno));
@@ -256,10 +269,13 @@ static void deliver(struct mce_vcpu *mv, uint64_t gpa, enum mce_kind kind)
 			return;
 		}
 	}
+logged:
 	atomic_fetch_add(ar ? &m->n_ar : &m->n_ao, 1);
 	memory_failure_event(true, "inject", ar, false);
-	pr_info("vcpu %d: machine check injected: %s memory error at GPA 0x%" PRIx64,
-		mv->index, ar ? "action-required (SRAR)" : "action-optional (SRAO)", addr);
+	pr_info("vcpu %d: machine check %s: %s memory error at GPA 0x%" PRIx64, mv->index,
+		signal ? "injected" : "logged (deferred, no #MC)",
+		!m->amd ? (ar ? "action-required (SRAR)" : "action-optional (SRAO)")
+			: (ar ? "consumed (UC, poison)" : "deferred"), addr);
 }
 
 static int raise_sigbus_self(enum mce_kind kind, uint64_t hva)
@@ -588,6 +604,16 @@ struct mce *mce_create(struct vm *vm, int kvm_fd, int vm_fd, char *err, size_t e
 	m->vcpus = xcalloc(m->ncpus, sizeof(*m->vcpus));
 	m->mcg_cap = MCG_CTL_P | MCG_SER_P | MCA_BANKS;   /* no CMCI, no LMCE */
 	m->sig_efd = -1;
+	/* The guest sees the host's vendor; AMD Linux recovers only from AMD-
+	 * encoded errors. Intel's stays the default: the test guest expects it. */
+	const char *enc = getenv("MDVM_MCE_ENCODING");
+	unsigned a, b, c, d;
+	bool host_amd = __get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541;   /* "Auth"enticAMD */
+	m->amd = enc && (!strcmp(enc, "amd") || (!strcmp(enc, "auto") && host_amd));
+	if (enc && *enc && strcmp(enc, "amd") && strcmp(enc, "auto") && strcmp(enc, "intel")) {
+		snprintf(err, errlen, "MDVM_MCE_ENCODING=%s: expected intel, amd or auto", enc);
+		goto fail;
+	}
 	if (!want || !*want || !strcmp(want, "auto"))
 		m->backend = native ? MCE_NATIVE : emul ? MCE_EMULATED : MCE_OFF;
 	else if (!strcmp(want, "native") && native)
@@ -655,6 +681,14 @@ void mce_cpuid_1(struct mce *m, uint32_t *edx)
 {
 	if (m && m->backend != MCE_OFF)
 		*edx |= CPUID_1_EDX_MCE | CPUID_1_EDX_MCA;
+}
+
+/* AMD: Linux recovers from uncorrected errors only with SUCCOR (and from
+ * an overflowed one with OVERFLOW_RECOV); KVM does not report them. */
+void mce_cpuid_80000007(struct mce *m, uint32_t *ebx)
+{
+	if (m && m->backend != MCE_OFF)
+		*ebx |= (1u << 0) | (1u << 1);
 }
 
 struct mce_vcpu *mce_vcpu_create(struct mce *m, int index, int fd, struct kvm_run *run,

@@ -29,6 +29,7 @@ enum mce_kind { MCE_AO = 0, MCE_AR = 1 };   /* action-optional (SRAO), action-re
 struct mce *mce_create(struct vm *vm, int kvm_fd, int vm_fd, char *err, size_t errlen);
 void mce_destroy(struct mce *m);
 void mce_cpuid_1(struct mce *m, uint32_t *edx);          /* CPUID.1:EDX MCE, MCA */
+void mce_cpuid_80000007(struct mce *m, uint32_t *ebx);   /* AMD: SUCCOR, OVERFLOW_RECOV */
 struct mce_vcpu *mce_vcpu_create(struct mce *m, int index, int fd, struct kvm_run *run,
 				 char *err, size_t errlen);
 void mce_vcpu_thread_start(struct mce_vcpu *mv);           /* on the vCPU thread */

@@ -158,6 +158,9 @@ static int vcpu_setup_cpuid(struct vm *vm, struct vcpu *v, char *err, size_t err
 		case 0x1f:
 			e->edx = v->id;              /* x2APIC id */
 			break;
+		case 0x80000007:
+			mce_cpuid_80000007(vm->mce, &e->ebx);
+			break;
 		case 0x40000000:                     /* KVM signature: guests use kvm-clock */
 			e->ebx = 0x4b4d564b; e->ecx = 0x564b4d56; e->edx = 0x4d;
 			break;
