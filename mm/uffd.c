@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -67,10 +68,35 @@ int uffd_unregister_range(struct guest_mem *gm, uint64_t gpa, uint64_t size)
 	return ioctl(gm->uffd, UFFDIO_UNREGISTER, &r) < 0 ? -errno : 0;
 }
 
+/* Kernels before 6.6 have no UFFDIO_POISON: put a page in and poison it for
+ * real (MADV_HWPOISON: CONFIG_MEMORY_FAILURE and CAP_SYS_ADMIN), so a KVM
+ * access gets -EHWPOISON and the vCPU thread SIGBUS BUS_MCEERR_AR, as for a
+ * host memory error. Costs the host that page; never for the zero page. */
+static int uffd_hwpoison(struct guest_mem *gm, uint64_t gpa, uint64_t size)
+{
+	static const uint8_t zero[MM_PAGE_SIZE];
+	for (uint64_t off = 0; off < size; off += MM_PAGE_SIZE) {
+		uint8_t *at = gm->base + gpa + off;
+		struct uffdio_copy c = { .dst = (uint64_t)(uintptr_t)at, .src = (uint64_t)(uintptr_t)zero,
+					 .len = MM_PAGE_SIZE, .mode = UFFDIO_COPY_MODE_DONTWAKE };
+		if (ioctl(gm->uffd, UFFDIO_COPY, &c) < 0) {
+			if (errno == EEXIST)
+				continue;   /* a live page is there: never poison it */
+			return -errno;
+		}
+		if (madvise(at, MM_PAGE_SIZE, MADV_HWPOISON) < 0) {
+			int e = errno;
+			madvise(at, MM_PAGE_SIZE, MADV_DONTNEED);   /* back to a placeholder */
+			return e == EINVAL || e == EPERM ? -EOPNOTSUPP : -e;
+		}
+	}
+	return 0;
+}
+
 int uffd_poison(struct guest_mem *gm, uint64_t gpa, uint64_t size)
 {
 	if (!gm->have_poison)
-		return -EOPNOTSUPP;
+		return gm->backing == MM_BACKING_HUGETLB ? -EOPNOTSUPP : uffd_hwpoison(gm, gpa, size);
 	struct uffdio_poison p = { .range = { (uint64_t)(uintptr_t)(gm->base + gpa), size } };
 	if (ioctl(gm->uffd, UFFDIO_POISON, &p) < 0 && errno != EEXIST)
 		return -errno;
