@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <netinet/in.h>
@@ -229,6 +230,8 @@ struct sender {
 	struct mig_out *o;
 	uint8_t *sec;           /* payload being filled */
 	size_t len;
+	size_t crc_len;         /* payload bytes covered by crc */
+	uint32_t crc;
 	uint64_t ram_pages, data_pages, zero_pages;
 	uint64_t t0, bytes0;    /* rate limiting: start of the current window */
 	bool limit;
@@ -238,10 +241,9 @@ struct sender {
 static int sec_flush(struct sender *s)
 {
 	int rc = 0;
-	if (s->sec && s->len)
-		rc = mig_out_commit(s->o, MIG_SEC_RAM, s->len);
-	else if (s->sec)
-		rc = mig_out_commit(s->o, MIG_SEC_RAM, 0);
+	if (s->sec)
+		rc = mig_out_commit_crc(s->o, MIG_SEC_RAM, s->len,
+					crc32c(s->crc, s->sec + s->crc_len, s->len - s->crc_len));
 	s->sec = NULL;
 	s->len = 0;
 	if (rc)
@@ -279,6 +281,8 @@ static void *rec_space(struct sender *s, size_t need, int *rc)
 			return NULL;
 		}
 		s->len = 0;
+		s->crc_len = 0;
+		s->crc = 0;
 	}
 	void *p = s->sec + s->len;
 	s->len += need;
@@ -345,12 +349,16 @@ static int put_folio_pages(struct sender *s, struct folio *f, uint64_t gfn, uint
 	p += sizeof(struct mig_ram_rec);
 	memcpy(p, bm, words * 8);
 	p += words * 8;
-	/* Copy (the guest keeps writing; the checksum must match what is sent). */
+	/* Copy (the guest keeps writing; the checksum must match what is sent),
+	 * checksumming each page while it is in cache. */
+	s->crc = crc32c(s->crc, s->sec + s->crc_len, (size_t)(p - (s->sec + s->crc_len)));
 	for (uint64_t i = 0; i < n; i++)
 		if (bm[i / 64] >> (i % 64) & 1) {
 			memcpy(p, src + i * PAGE, PAGE);
+			s->crc = crc32c(s->crc, p, PAGE);
 			p += PAGE;
 		}
+	s->crc_len = s->len;
 	s->data_pages += present;
 	s->zero_pages += n - present;
 	return 0;
@@ -419,6 +427,45 @@ static int send_range(struct sender *s, uint64_t gfn, uint64_t n)
 	return 0;
 }
 
+struct mig_config {
+	uint64_t ram_size;
+	uint32_t ncpus, nranges;
+	struct mm_range ranges[8];
+};
+
+/* PREFAULT hint: the backed folios pass 1 will send, as runs of one order,
+ * so the destination can fault its memory in on a second thread while this
+ * one streams (first touch of host memory is its largest cost). A hint only:
+ * the guest may change it before pass 1 gets there. */
+static int send_prefault_hint(struct sender *s, const struct mig_config *cfg)
+{
+	size_t cap = SECTION_CAP / sizeof(struct mig_ram_rec), n = 0;
+	struct mig_ram_rec *v = mig_out_begin(s->o, SECTION_CAP);
+	if (!v)
+		return mig_out_error(s->o) ? mig_out_error(s->o) : -EIO;
+	for (uint32_t i = 0; i < cfg->nranges; i++) {
+		uint64_t gfn = cfg->ranges[i].gpa / PAGE, end = gfn + cfg->ranges[i].size / PAGE;
+		while (gfn < end && n < cap) {
+			struct folio *f = folio_get_gfn(s->gm, gfn);
+			if (!f) {
+				gfn++;
+				continue;
+			}
+			uint64_t fend = folio_gfn(f) + folio_nr_pages(f), k = (fend < end ? fend : end) - gfn;
+			uint8_t order = (uint8_t)folio_order(f);
+			folio_put(f);
+			if (n && v[n - 1].order == order && v[n - 1].gfn + v[n - 1].npages == gfn &&
+			    v[n - 1].npages + k <= (1u << 30))
+				v[n - 1].npages += (uint32_t)k;
+			else
+				v[n++] = (struct mig_ram_rec){ .gfn = gfn, .npages = (uint32_t)k,
+							       .kind = RAM_DATA, .order = order };
+			gfn += k;
+		}
+	}
+	return mig_out_commit(s->o, MIG_SEC_PREFAULT, n * sizeof(*v));
+}
+
 static int send_run_cb(void *opaque, uint64_t gfn, uint64_t nr)
 {
 	return send_range(opaque, gfn, nr);
@@ -451,12 +498,6 @@ static int send_blob_section(struct mig_out *o, uint32_t type, const void *hdr, 
 		memcpy(b + hlen, p, len);
 	return mig_out_commit(o, type, hlen + len);
 }
-
-struct mig_config {
-	uint64_t ram_size;
-	uint32_t ncpus, nranges;
-	struct mm_range ranges[8];
-};
 
 static void stats_update(struct sender *s, struct dirty_log *log)
 {
@@ -591,6 +632,8 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 	s.limit = true;
 	for (uint32_t i = 0; i < cfg.nranges; i++)
 		s.pass1_frames += cfg.ranges[i].size / PAGE;
+	if ((rc = send_prefault_hint(&s, &cfg)))
+		goto io_fail;
 	for (uint32_t i = 0; i < cfg.nranges; i++)
 		if ((rc = send_range(&s, cfg.ranges[i].gpa / PAGE, cfg.ranges[i].size / PAGE)))
 			goto io_fail;
@@ -808,6 +851,7 @@ static void *source_thread(void *arg)
 {
 	struct vm *vm = arg;
 	char err[256] = "";
+	pthread_setname_np(pthread_self(), "mig-send");
 	int rc = source_run(vm, mig.fd, err, sizeof(err));
 
 	pthread_mutex_lock(&mig.lock);
@@ -964,6 +1008,106 @@ static struct {
 	bool paused;            /* the source's guest was paused */
 } inc = { .lfd = -1 };
 
+/* Destination: fault in the folios of the PREFAULT hint from its end
+ * backwards while the receiver fills from the front; they meet in the
+ * middle. The receiver publishes how far pass 1 got (applied) under the lock;
+ * the prefaulter never populates what is behind it (a marker may have
+ * released that on purpose). */
+static bool gfn_range_ok(const struct mm_range *r, size_t nr, uint64_t gfn, uint64_t n);
+
+struct prefault {
+	struct guest_mem *gm;
+	struct mig_ram_rec *v;
+	size_t n;
+	pthread_t thread;
+	pthread_mutex_t lock;
+	uint64_t applied;       /* gfns below this were handled by the receiver */
+	atomic_bool stop;
+	bool running;
+};
+
+static void *prefault_thread(void *arg)
+{
+	struct prefault *pf = arg;
+	uint8_t *base = mm_guest_base(pf->gm);
+	pthread_setname_np(pthread_self(), "mig-prefault");
+	for (size_t i = pf->n; i-- > 0 && !atomic_load(&pf->stop);) {
+		const struct mig_ram_rec *r = &pf->v[i];
+		uint64_t lo = r->gfn, hi = r->gfn + r->npages;
+		while (hi > lo && !atomic_load(&pf->stop)) {
+			/* One 2 MiB region (or what is left of the run) at a time. */
+			uint64_t start = (hi - 1) & ~(uint64_t)(MM_REGION_PAGES - 1);
+			if (start < lo)
+				start = lo;
+			pthread_mutex_lock(&pf->lock);
+			if (pf->applied > start) {
+				pthread_mutex_unlock(&pf->lock);
+				return NULL;
+			}
+			if (mm_populate(pf->gm, start, hi - start, r->order) == 0)
+				madvise(base + start * PAGE, (hi - start) * PAGE, MADV_POPULATE_WRITE);
+			pthread_mutex_unlock(&pf->lock);
+			hi = start;
+		}
+	}
+	return NULL;
+}
+
+static int prefault_start(struct prefault *pf, struct guest_mem *gm, const void *p, uint32_t len,
+			  char *err, size_t errlen)
+{
+	if (pf->v || len % sizeof(struct mig_ram_rec)) {
+		snprintf(err, errlen, "bad prefault section");
+		return -1;
+	}
+	pf->gm = gm;
+	pf->n = len / sizeof(struct mig_ram_rec);
+	pf->v = xmalloc(len + 1);
+	memcpy(pf->v, p, len);
+	struct mm_range r[8];
+	size_t nr = mm_ram_ranges(gm, r, 8);
+	for (size_t i = 0; i < pf->n; i++) {
+		const struct mig_ram_rec *e = &pf->v[i];
+		if (!e->npages || e->kind != RAM_DATA || e->order > MM_MAX_ORDER ||
+		    !gfn_range_ok(r, nr > 8 ? 8 : nr, e->gfn, e->npages)) {
+			snprintf(err, errlen, "prefault section: bad run (gfn 0x%llx, %u pages)",
+				 (unsigned long long)e->gfn, e->npages);
+			return -1;
+		}
+	}
+	/* Not on hugetlb: its pool is the host's fixed set of hugepages, and
+	 * claiming them for folios the source gives back meanwhile (balloon)
+	 * can starve the pass that needs them. */
+	if (mm_backing(gm) == MM_BACKING_HUGETLB)
+		return 0;
+	pthread_mutex_init(&pf->lock, NULL);
+	pf->running = pthread_create(&pf->thread, NULL, prefault_thread, pf) == 0;
+	return 0;
+}
+
+/* The receiver is about to handle [gfn, gfn+n). */
+static void prefault_advance(struct prefault *pf, uint64_t end)
+{
+	if (!pf || !pf->running || pf->applied >= end)
+		return;
+	pthread_mutex_lock(&pf->lock);
+	if (end > pf->applied)
+		pf->applied = end;
+	pthread_mutex_unlock(&pf->lock);
+}
+
+static void prefault_stop(struct prefault *pf)
+{
+	if (pf->running) {
+		atomic_store(&pf->stop, true);
+		pthread_join(pf->thread, NULL);
+		pthread_mutex_destroy(&pf->lock);
+		pf->running = false;
+	}
+	free(pf->v);
+	pf->v = NULL;
+}
+
 static bool gfn_range_ok(const struct mm_range *r, size_t nr, uint64_t gfn, uint64_t n)
 {
 	for (size_t i = 0; i < nr; i++) {
@@ -981,7 +1125,7 @@ static bool frame_backed(struct guest_mem *gm, uint64_t gfn)
 }
 
 static int apply_ram(struct guest_mem *gm, const uint8_t *p, uint32_t len, uint64_t *pages,
-		     uint64_t *data_pages, char *err, size_t errlen)
+		     uint64_t *data_pages, struct prefault *pf, char *err, size_t errlen)
 {
 	struct mm_range r[8];
 	size_t nr = mm_ram_ranges(gm, r, 8);
@@ -1004,6 +1148,7 @@ static int apply_ram(struct guest_mem *gm, const uint8_t *p, uint32_t len, uint6
 					(unsigned long long)rec.gfn, rec.npages, rec.kind), -1;
 		uint64_t gpa = rec.gfn * PAGE, n = rec.npages;
 		*pages += n;
+		prefault_advance(pf, rec.gfn + n);
 		switch (kind) {
 		case RAM_DATA: {
 			if (n > MM_REGION_PAGES)
@@ -1103,6 +1248,7 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 	struct guest_mem *gm = vm_mem(vm);
 	struct mig_in *in = mig_in_create(fd, err, errlen);
 	struct pending_state ps = { 0 };
+	struct prefault pf = { 0 };
 	uint64_t sections = 0, pages = 0, data_pages = 0;
 	int ncpus = vm_ncpus(vm), rc = -1;
 	bool have_config = false, done = false;
@@ -1145,7 +1291,7 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 			break;
 		}
 		case MIG_SEC_RAM:
-			if (apply_ram(gm, p, len, &pages, &data_pages, err, errlen) < 0)
+			if (apply_ram(gm, p, len, &pages, &data_pages, &pf, err, errlen) < 0)
 				goto out;
 			break;
 		case MIG_SEC_SYNC: {
@@ -1161,6 +1307,10 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 			}
 			break;
 		}
+		case MIG_SEC_PREFAULT:
+			if (prefault_start(&pf, gm, p, len, err, errlen) < 0)
+				goto out;
+			break;
 		case MIG_SEC_MCE:
 			free(ps.mce);
 			ps.mce = xmalloc(len + 1);
@@ -1243,6 +1393,7 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 		}
 		sections++;
 	}
+	prefault_stop(&pf);
 	/* Everything arrived and checked out: load the state. */
 	if (!ps.vm_blob || !ps.serial || !ps.testdev || !ps.mce) {
 		snprintf(err, errlen, "stream lacks %s state", !ps.vm_blob ? "VM" :
@@ -1279,6 +1430,7 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 		(unsigned long long)(mig_in_bytes(in) >> 20), (unsigned long long)data_pages);
 	rc = 0;
 out:
+	prefault_stop(&pf);
 	free(ps.vm_blob);
 	free(ps.serial);
 	free(ps.testdev);
@@ -1298,6 +1450,7 @@ static void *incoming_thread(void *arg)
 	char err[512] = "";
 	int fd;
 
+	pthread_setname_np(pthread_self(), "mig-recv");
 	do
 		fd = accept4(inc.lfd, NULL, NULL, SOCK_CLOEXEC);
 	while (fd < 0 && errno == EINTR);

@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define MIG_MAGIC        "MDVM-MIG"
-#define MIG_VERSION      2        /* 2: SYNC and MCE sections, END flags */
+#define MIG_VERSION      3        /* 2: SYNC and MCE sections, END flags; 3: PREFAULT */
 #define MIG_SECTION_MAX  (16u << 20)      /* payload bytes */
 #define MIG_ACK_OK       0x4b4f4b4fu      /* "OKOK": destination loaded everything */
 #define MIG_ACK_FAIL     0x4c494146u      /* "FAIL" */
@@ -23,6 +23,7 @@ enum mig_section_type {
 	MIG_SEC_END,          /* totals; nothing follows */
 	MIG_SEC_SYNC,         /* u64 sequence: the destination answers MIG_ACK_SYNC once applied */
 	MIG_SEC_MCE,          /* machine-check registers and queued errors (vmm/mce.c) */
+	MIG_SEC_PREFAULT,     /* hint: mig_ram_rec runs pass 1 will fill (kind RAM_DATA) */
 	MIG_SEC_NR,
 };
 
@@ -80,6 +81,9 @@ int   mig_out_raw(struct mig_out *o, const void *buf, size_t len);
 void *mig_out_begin(struct mig_out *o, size_t cap);
 /* Checksum and queue the section begun last; 0 or -errno. */
 int   mig_out_commit(struct mig_out *o, uint32_t type, size_t len);
+/* The same with the payload's CRC32C already computed by the caller (while
+ * the data was hot in cache). */
+int   mig_out_commit_crc(struct mig_out *o, uint32_t type, size_t len, uint32_t crc);
 int   mig_out_flush(struct mig_out *o);   /* wait for everything queued */
 uint64_t mig_out_bytes(const struct mig_out *o);   /* bytes handed to the socket */
 uint64_t mig_out_sections(const struct mig_out *o);
