@@ -48,7 +48,7 @@ fi
 
 [ -z "$fetch_only" ] || { echo "$cache"; exit 0; }
 
-stamp_inputs() { cat "$here"/l2-init "$here"/l1-init "$here"/memcheck.c "$mdvm" "$vmlinuz" | md5sum | cut -c1-32; }
+stamp_inputs() { cat "$here"/l2-init "$here"/l1-init "$here"/memcheck.c "$here"/poison.c "$mdvm" "$vmlinuz" | md5sum | cut -c1-32; }
 stamp=$(stamp_inputs)
 if [ -f l1-initrd.cpio ] && [ "$(cat stamp 2>/dev/null)" = "$stamp" ]; then
 	echo "$cache"; exit 0
@@ -68,6 +68,7 @@ done
 cp "$here"/l2-init l2root/init
 chmod +x l2root/init
 gcc -static -O2 -o l2root/bin/memcheck "$here"/memcheck.c
+gcc -static -O2 -o l2root/bin/poison "$here"/poison.c
 (cd l2root && find . | ./bin/busybox cpio -o -H newc 2>/dev/null) > l2-initrd.cpio
 
 # ---- L1: kvm modules, mdvm and its libraries, the L2 kernel and initrd
