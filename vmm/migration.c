@@ -1124,22 +1124,25 @@ static bool frame_backed(struct guest_mem *gm, uint64_t gfn)
 	return t == MEMDESC_FOLIO || t == MEMDESC_RESERVED;
 }
 
-static int apply_ram(struct guest_mem *gm, const uint8_t *p, uint32_t len, uint64_t *pages,
+/* One RAM section, read record by record: page data goes from the socket
+ * straight into guest memory (no bounce copy). The section's checksum is
+ * checked at its end; a mismatch fails the migration before the guest ever
+ * runs here. */
+static int apply_ram(struct guest_mem *gm, struct mig_in *in, uint64_t *pages,
 		     uint64_t *data_pages, struct prefault *pf, char *err, size_t errlen)
 {
 	struct mm_range r[8];
 	size_t nr = mm_ram_ranges(gm, r, 8);
 	uint8_t *base = mm_guest_base(gm);
-	size_t off = 0;
+	const void *q;
 
 	if (nr > 8)
 		nr = 8;
-	while (off < len) {
+	while (mig_in_left(in)) {
 		struct mig_ram_rec rec;
-		if (len - off < sizeof(rec))
+		if (mig_in_left(in) < sizeof(rec) || !(q = mig_in_take(in, sizeof(rec), err, errlen)))
 			return snprintf(err, errlen, "RAM section: truncated record"), -1;
-		memcpy(&rec, p + off, sizeof(rec));
-		off += sizeof(rec);
+		memcpy(&rec, q, sizeof(rec));
 		uint8_t kind = rec.kind & ~RAM_RESERVED;
 		bool reserved = rec.kind & RAM_RESERVED;
 		if (!rec.npages || kind == 0 || kind >= RAM_KIND_NR || rec.order > MM_MAX_ORDER ||
@@ -1156,13 +1159,12 @@ static int apply_ram(struct guest_mem *gm, const uint8_t *p, uint32_t len, uint6
 						(unsigned long long)n), -1;
 			unsigned words = (unsigned)((n + 63) / 64), present = 0;
 			uint64_t bm[MM_REGION_PAGES / 64], was[MM_REGION_PAGES / 64] = { 0 };
-			if (len - off < words * 8)
+			if (mig_in_left(in) < words * 8 || !(q = mig_in_take(in, words * 8, err, errlen)))
 				return snprintf(err, errlen, "RAM section: truncated bitmap"), -1;
-			memcpy(bm, p + off, words * 8);
-			off += words * 8;
+			memcpy(bm, q, words * 8);
 			for (unsigned w = 0; w < words; w++)
 				present += (unsigned)__builtin_popcountll(bm[w]);
-			if ((uint64_t)(len - off) < (uint64_t)present * PAGE)
+			if ((uint64_t)mig_in_left(in) < (uint64_t)present * PAGE)
 				return snprintf(err, errlen, "RAM section: truncated page data"), -1;
 			for (uint64_t i = 0; i < n; i++)
 				if (frame_backed(gm, rec.gfn + i))
@@ -1174,14 +1176,20 @@ static int apply_ram(struct guest_mem *gm, const uint8_t *p, uint32_t len, uint6
 			if (rc < 0)
 				return snprintf(err, errlen, "cannot back guest RAM at 0x%llx: %s",
 						(unsigned long long)gpa, strerror(-rc)), -1;
-			for (uint64_t i = 0; i < n; i++) {
+			for (uint64_t i = 0; i < n;) {
 				uint8_t *dst = base + gpa + i * PAGE;
 				if (bm[i / 64] >> (i % 64) & 1) {
-					memcpy(dst, p + off, PAGE);
-					off += PAGE;
-				} else if (was[i / 64] >> (i % 64) & 1) {
-					memset(dst, 0, PAGE);
+					uint64_t k = 1;   /* a run of present pages: one read */
+					while (i + k < n && (bm[(i + k) / 64] >> ((i + k) % 64) & 1))
+						k++;
+					if (mig_in_read(in, dst, (uint32_t)(k * PAGE), err, errlen) < 0)
+						return -1;
+					i += k;
+					continue;
 				}
+				if (was[i / 64] >> (i % 64) & 1)
+					memset(dst, 0, PAGE);
+				i++;
 			}
 			*data_pages += present;
 			break;
@@ -1221,7 +1229,7 @@ static int apply_ram(struct guest_mem *gm, const uint8_t *p, uint32_t len, uint6
 			break;
 		}
 	}
-	return 0;
+	return mig_in_section_end(in, err, errlen);
 }
 
 static void incoming_fail_main(void *opaque)
@@ -1262,7 +1270,15 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 	if (mig_in_header(in, err, errlen) < 0)
 		goto out;
 	while (!done) {
-		if (mig_in_section(in, &type, &p, &len, err, errlen) < 0)
+		if (mig_in_section_begin(in, &type, &len, err, errlen) < 0)
+			goto out;
+		if (type == MIG_SEC_RAM && have_config) {
+			if (apply_ram(gm, in, &pages, &data_pages, &pf, err, errlen) < 0)
+				goto out;
+			sections++;
+			continue;
+		}
+		if (mig_in_section_payload(in, &p, err, errlen) < 0)
 			goto out;
 		if (!have_config && type != MIG_SEC_CONFIG) {
 			snprintf(err, errlen, "stream does not start with the configuration section");
@@ -1290,9 +1306,7 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 			have_config = true;
 			break;
 		}
-		case MIG_SEC_RAM:
-			if (apply_ram(gm, p, len, &pages, &data_pages, &pf, err, errlen) < 0)
-				goto out;
+		case MIG_SEC_RAM:   /* applied above */
 			break;
 		case MIG_SEC_SYNC: {
 			/* Everything before it is applied: tell the source. */

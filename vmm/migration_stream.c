@@ -368,11 +368,18 @@ int mig_out_error(const struct mig_out *o) { return o->error; }
 /* ---- receiver */
 #define IN_CHUNK (256u << 10)
 
+#define IN_SMALL (64u << 10)    /* bounce for record headers and small pages */
+
 struct mig_in {
 	int fd;
 	struct io_uring ring;
 	uint8_t *buf;
 	uint64_t bytes;
+	/* the section being read piecewise */
+	uint64_t sec_at;        /* stream offset of its header */
+	uint32_t sec_type, sec_left, crc, want_crc;
+	uint8_t *small;
+	uint32_t spos, slen;
 };
 
 struct mig_in *mig_in_create(int fd, char *err, size_t errlen)
@@ -387,6 +394,7 @@ struct mig_in *mig_in_create(int fd, char *err, size_t errlen)
 	}
 	in->fd = fd;
 	in->buf = xmalloc(MIG_SECTION_MAX);
+	in->small = xmalloc(IN_SMALL);
 	return in;
 }
 
@@ -396,6 +404,7 @@ void mig_in_destroy(struct mig_in *in)
 		return;
 	io_uring_queue_exit(&in->ring);
 	free(in->buf);
+	free(in->small);
 	free(in);
 }
 
@@ -457,8 +466,7 @@ int mig_in_header(struct mig_in *in, char *err, size_t errlen)
 	return 0;
 }
 
-int mig_in_section(struct mig_in *in, uint32_t *type, void **payload, uint32_t *len,
-		   char *err, size_t errlen)
+int mig_in_section_begin(struct mig_in *in, uint32_t *type, uint32_t *len, char *err, size_t errlen)
 {
 	struct mig_section_hdr h;
 	uint64_t at = in->bytes;
@@ -479,28 +487,108 @@ int mig_in_section(struct mig_in *in, uint32_t *type, void **payload, uint32_t *
 			 (unsigned long long)at, h.type, h.len);
 		return -1;
 	}
-	/* In pieces that stay in cache for the checksum. */
-	uint32_t crc = 0;
-	for (uint32_t got = 0; got < h.len;) {
-		uint32_t k = h.len - got < IN_CHUNK ? h.len - got : IN_CHUNK;
-		rc = in_recv(in, in->buf + got, k);
+	in->sec_at = at;
+	in->sec_type = h.type;
+	in->sec_left = h.len;
+	in->want_crc = h.crc;
+	in->crc = 0;
+	in->spos = in->slen = 0;
+	*type = h.type;
+	*len = h.len;
+	return 0;
+}
+
+uint32_t mig_in_left(const struct mig_in *in)
+{
+	return in->sec_left + (in->slen - in->spos);
+}
+
+/* Receive n bytes of the section into dst, checksummed per piece while in
+ * cache. */
+static int in_section_recv(struct mig_in *in, uint8_t *dst, uint32_t n, char *err, size_t errlen)
+{
+	for (uint32_t got = 0; got < n;) {
+		uint32_t k = n - got < IN_CHUNK ? n - got : IN_CHUNK;
+		int rc = in_recv(in, dst + got, k);
 		if (rc) {
 			snprintf(err, errlen, "stream truncated inside a section at byte %llu (%s)",
 				 (unsigned long long)in->bytes, rc > 0 ? "connection closed" : strerror(-rc));
 			return -1;
 		}
-		crc = crc32c(crc, in->buf + got, k);
+		in->crc = crc32c(in->crc, dst + got, k);
+		in->sec_left -= k;
 		got += k;
 	}
-	if (crc != h.crc) {
-		snprintf(err, errlen, "corrupted section at byte %llu (type %u, payload checksum mismatch)",
-			 (unsigned long long)at, h.type);
+	return 0;
+}
+
+const void *mig_in_take(struct mig_in *in, uint32_t n, char *err, size_t errlen)
+{
+	if (n > IN_SMALL || n > mig_in_left(in)) {
+		snprintf(err, errlen, "section at byte %llu: %u bytes wanted, %u left",
+			 (unsigned long long)in->sec_at, n, mig_in_left(in));
+		return NULL;
+	}
+	if (in->slen - in->spos < n) {
+		/* Refill: a little more than asked, so small records come in bulk
+		 * while large page runs still go straight to their place. */
+		uint32_t have = in->slen - in->spos;
+		memmove(in->small, in->small + in->spos, have);
+		in->spos = 0;
+		in->slen = have;
+		uint32_t k = IN_SMALL - have < in->sec_left ? IN_SMALL - have : in->sec_left;
+		if (in_section_recv(in, in->small + have, k, err, errlen) < 0)
+			return NULL;
+		in->slen += k;
+	}
+	const void *p = in->small + in->spos;
+	in->spos += n;
+	return p;
+}
+
+int mig_in_read(struct mig_in *in, void *dst, uint32_t n, char *err, size_t errlen)
+{
+	if (n > mig_in_left(in)) {
+		snprintf(err, errlen, "section at byte %llu: %u bytes wanted, %u left",
+			 (unsigned long long)in->sec_at, n, mig_in_left(in));
 		return -1;
 	}
-	*type = h.type;
-	*payload = in->buf;
-	*len = h.len;
+	uint32_t have = in->slen - in->spos, k = have < n ? have : n;
+	memcpy(dst, in->small + in->spos, k);
+	in->spos += k;
+	return in_section_recv(in, (uint8_t *)dst + k, n - k, err, errlen);
+}
+
+int mig_in_section_end(struct mig_in *in, char *err, size_t errlen)
+{
+	if (mig_in_left(in)) {
+		snprintf(err, errlen, "section at byte %llu (type %u): %u bytes not understood",
+			 (unsigned long long)in->sec_at, in->sec_type, mig_in_left(in));
+		return -1;
+	}
+	if (in->crc != in->want_crc) {
+		snprintf(err, errlen, "corrupted section at byte %llu (type %u, payload checksum mismatch)",
+			 (unsigned long long)in->sec_at, in->sec_type);
+		return -1;
+	}
 	return 0;
+}
+
+int mig_in_section_payload(struct mig_in *in, void **payload, char *err, size_t errlen)
+{
+	uint32_t len = mig_in_left(in);
+	if (mig_in_read(in, in->buf, len, err, errlen) < 0 || mig_in_section_end(in, err, errlen) < 0)
+		return -1;
+	*payload = in->buf;
+	return 0;
+}
+
+int mig_in_section(struct mig_in *in, uint32_t *type, void **payload, uint32_t *len,
+		   char *err, size_t errlen)
+{
+	if (mig_in_section_begin(in, type, len, err, errlen) < 0)
+		return -1;
+	return mig_in_section_payload(in, payload, err, errlen);
 }
 
 uint64_t mig_in_bytes(const struct mig_in *in) { return in->bytes; }

@@ -101,6 +101,18 @@ int   mig_in_header(struct mig_in *i, char *err, size_t errlen);
 int   mig_in_section(struct mig_in *i, uint32_t *type, void **payload, uint32_t *len,
 		     char *err, size_t errlen);
 uint64_t mig_in_bytes(const struct mig_in *i);
+/* A section read piecewise (RAM: pages go straight to guest memory): begin
+ * (header checked), then take (small items, <= 64 KiB, pointer valid until
+ * the next call) and read (into the caller's memory), then end, which
+ * checks that all of it was used and its checksum. What was read before a
+ * failed end is not to be trusted (the destination gives up). */
+int   mig_in_section_begin(struct mig_in *i, uint32_t *type, uint32_t *len, char *err, size_t errlen);
+const void *mig_in_take(struct mig_in *i, uint32_t n, char *err, size_t errlen);
+int   mig_in_read(struct mig_in *i, void *dst, uint32_t n, char *err, size_t errlen);
+uint32_t mig_in_left(const struct mig_in *i);
+int   mig_in_section_end(struct mig_in *i, char *err, size_t errlen);
+/* The rest of a begun section, whole (as mig_in_section). */
+int   mig_in_section_payload(struct mig_in *i, void **payload, char *err, size_t errlen);
 /* Blocking exact read/write of a few bytes (acknowledgement). */
 int   mig_read_full(int fd, void *buf, size_t len);
 int   mig_write_full(int fd, const void *buf, size_t len);
