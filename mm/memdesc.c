@@ -86,6 +86,18 @@ memdesc_t memdesc_lookup(struct guest_mem *gm, uint64_t gfn)
 	return mdt_get(&gm->md, gfn);
 }
 
+bool memdesc_region_uniform(struct guest_mem *gm, uint64_t gfn, memdesc_t *md)
+{
+	const struct memdesc_table *t = &gm->md;
+	if (gfn >= t->npages)
+		return false;
+	memdesc_t e = atomic_load_explicit(top_entry(t, gfn >> REGION_SHIFT), memory_order_acquire);
+	if ((e & MEMDESC_TYPE_MASK) == MEMDESC_LEAF)
+		return false;
+	*md = e;
+	return true;
+}
+
 bool mdt_region_is(const struct memdesc_table *t, uint64_t region, memdesc_t v)
 {
 	return region < t->nregions &&

@@ -166,6 +166,9 @@ static inline bool folio_test(struct folio *f, enum folio_flag fl)
  * outside the table read as MEMDESC_MMIO. A folio pointer obtained this way
  * may be split/freed concurrently: use folio_try_get() to hold it. */
 memdesc_t memdesc_lookup(struct guest_mem *gm, uint64_t gfn);
+/* True when every frame of the 2 MiB region holding gfn has the one memdesc
+ * *md (untouched RAM, a 2 MiB folio): walkers skip it in one step. */
+bool memdesc_region_uniform(struct guest_mem *gm, uint64_t gfn, memdesc_t *md);
 /* Take a reference on the folio that currently owns gfn (NULL if none);
  * folio_put() drops it. While held the folio is not split, merged, moved or freed. */
 struct folio *folio_get_gfn(struct guest_mem *gm, uint64_t gfn);
