@@ -384,6 +384,10 @@ static int send_range(struct sender *s, uint64_t gfn, uint64_t n)
 
 	while (gfn < end) {
 		memdesc_t md = memdesc_lookup(s->gm, gfn);
+		uint64_t step = 1;      /* frames of one marker kind from gfn */
+		if (!(gfn & (MM_REGION_PAGES - 1)) && end - gfn >= MM_REGION_PAGES &&
+		    memdesc_region_uniform(s->gm, gfn, &md) && !memdesc_folio(md))
+			step = MM_REGION_PAGES;
 		enum memdesc_type t = memdesc_type(md);
 		struct folio *f = (t == MEMDESC_FOLIO || t == MEMDESC_RESERVED) ? folio_get_gfn(s->gm, gfn) : NULL;
 
@@ -405,7 +409,7 @@ static int send_range(struct sender *s, uint64_t gfn, uint64_t n)
 		uint8_t kind = marker_kind(t);
 		if (!kind) {            /* MMIO, or a folio that just went away: */
 			if (t == MEMDESC_MMIO) {
-				gfn++;
+				gfn += step;
 				continue;
 			}
 			kind = RAM_UNBACKED;
@@ -419,8 +423,8 @@ static int send_range(struct sender *s, uint64_t gfn, uint64_t n)
 			mstart = gfn;
 			mkind = kind;
 		}
-		mlen++;
-		gfn++;
+		mlen += step;
+		gfn += step;
 	}
 	if (mlen)
 		return put_marker(s, mstart, mlen, mkind);
@@ -446,6 +450,12 @@ static int send_prefault_hint(struct sender *s, const struct mig_config *cfg)
 	for (uint32_t i = 0; i < cfg->nranges; i++) {
 		uint64_t gfn = cfg->ranges[i].gpa / PAGE, end = gfn + cfg->ranges[i].size / PAGE;
 		while (gfn < end && n < cap) {
+			memdesc_t md;
+			if (!(gfn & (MM_REGION_PAGES - 1)) && end - gfn >= MM_REGION_PAGES &&
+			    memdesc_region_uniform(s->gm, gfn, &md) && !memdesc_folio(md)) {
+				gfn += MM_REGION_PAGES;   /* untouched 2 MiB */
+				continue;
+			}
 			struct folio *f = folio_get_gfn(s->gm, gfn);
 			if (!f) {
 				gfn++;
