@@ -186,22 +186,85 @@ def test_migrate(images):
 
 
 def test_compact(images):
-    """Folio migration and compaction under a running Linux guest (memfd
-    backing): x-mdvm-migrate-range moves every folio of 16-240 MiB, then QMP
-    compact mode=reclaim and mode=collapse, while memcheck (24 MiB) checks its
-    data; memcheck passes."""
+    """Compaction under a running Linux guest, on memfd backing: the backing
+    where reclaim means something (it packs the live 4 KiB folios of
+    half-empty pool hugepages into others and returns the emptied 2 MiB file
+    ranges; on hugetlb, thp and anon it does nothing, docs/compaction.md).
+    x-mdvm-migrate-range first moves every folio of 16-240 MiB. In the
+    guest, memcheck (16 MiB) frees every odd page of its memory and keeps
+    checking the even ones; the guest's virtio-balloon inflates by 64 MiB,
+    taking those scattered 4 KiB holes first (order-0 allocations come from
+    the order-0 free lists), and mdvm punches them. Then QMP compact
+    mode=reclaim must move folios and free pool hugepages, and mdvm's memory
+    (smaps_rollup Rss) must be below where it was before the inflation; the
+    balloon deflates, memcheck writes its holes again, compact mode=collapse
+    must gather regions into 2 MiB folios. memcheck checks its pages all the
+    while and passes."""
     run = scenario(images, "compact")
-    if run.e2e("compact-missing"):
-        pytest.skip("QMP 'compact' is not in mdvm yet (issue 5, mm/compact.c): %s" % run.e2e("compact"))
-    lines = [l for l in run.console.splitlines() if l.startswith("E2E compact mode=")]
-    run.check(len(lines) == 3, "compaction steps: %s" % lines)
-    for l in lines:
-        run.check(" rc=0 " in l and '"return"' in l, "failed: %s" % l)
-    moved = re.search(r'"folios-moved": *(\d+)', lines[0])
-    run.check(moved and int(moved.group(1)) > 0, "no folio moved under the guest: %s" % lines[0])
+    run.check(run.agent.get("holes") == "1", "memcheck did not free its holes")
+    mr = run.e2e("migrate-range")
+    run.check(mr and mr[0].get("rc") == "0", "x-mdvm-migrate-range: %s" % mr)
+    mr_moved = re.search(r'"folios-moved": *(\d+)', run.console.split("E2E migrate-range", 1)[1])
+    run.check(mr_moved and int(mr_moved.group(1)) > 0, "x-mdvm-migrate-range moved nothing")
+    run.check("inflated" in run.agent and run.e2e("balloon")[0].get("actual") == str(192 << 20),
+              "the balloon did not inflate to 192 MiB: %s %s" % (run.e2e("balloon"), run.agent.get("inflated")))
+    steps = {}
+    for line in run.console.splitlines():
+        m = re.match(r"E2E compact mode=(reclaim|collapse) rc=(\d+) seconds=([\d.]+) reply=(.*)", line)
+        if m:
+            run.check(m.group(2) == "0" and '"return"' in m.group(4), "compact mode=%s failed: %s" % (m.group(1), line))
+            steps[m.group(1)] = dict((k, int(v)) for k, v in re.findall(r'"([a-z-]+)": *(\d+)', m.group(4)))
+            steps[m.group(1)]["seconds"] = float(m.group(3))
+    run.check(set(steps) == {"reclaim", "collapse"}, "compaction steps missing: %s" % steps)
+    frag = dict((d["step"], d) for d in run.e2e("frag"))
+    run.check(set(frag) >= {"before", "inflated", "reclaimed", "collapsed"}, "host memory samples: %s" % frag)
+    # L1's Shmem (the memfd's pages, as L1's kernel counts them), mdvm's own
+    # count of the memfd's blocks (query-memory host-bytes), and its Rss
+    shmem = dict((k, int(d["shmem_kb"])) for k, d in frag.items())
+    host = {}
+    for line in run.console.splitlines():
+        m = re.match(r'E2E frag step=(\w+) .*"host-bytes":(\d+)', line)
+        if m:
+            host[m.group(1)] = int(m.group(2)) >> 10
+    rss = dict((k, int(d["rss_kb"])) for k, d in frag.items())
+    r, c = steps["reclaim"], steps["collapse"]
+    run.check(r["folios-moved"] > 0, "reclaim moved no folio: %s" % r)
+    run.check(r["hugepages-freed"] > 0, "reclaim freed no hugepage: %s" % r)
+    # memcheck's 8 MiB of holes had been touched: the balloon took most of
+    # them and mdvm punched them from the memfd (at release: on memfd that
+    # is where the memory goes back, reclaim then empties whole pool
+    # hugepages); reclaim must keep it so. (mdvm's Rss is not the measure:
+    # it counts only what is mapped in mdvm's page tables, not the file.)
+    for name, m in (("L1 Shmem", shmem), ("mdvm host-bytes", host)):
+        run.check(m["reclaimed"] <= m["before"] - 6 * 1024,
+                  "%s %d KiB before the inflation, %d KiB after reclaim: the holes did not go back to L1" % (
+                      name, m["before"], m["reclaimed"]))
+    run.check("refilled" in run.agent, "memcheck did not write its holes again after the deflation")
+    run.check(c["regions-collapsed"] > 0, "collapse made no 2 MiB folio: %s" % c)
+    run.check(run.agent.get("finish"), "the agent did not see the host's finish signal")
     run.check(run.l2exit is not None and run.l2exit[0] == 0, "mdvm exit: %s" % (run.l2exit,))
     sweeps, verdict = check_memcheck(run)
-    print("compaction: %s folios moved; %s" % (moved.group(1), verdict))
+    run.check(len(sweeps) >= 5, "memcheck swept %d times" % len(sweeps))
+    print("compaction (memfd): migrate-range %s folios; reclaim %d folios (%d KiB) moved, %d hugepages freed, "
+          "%d bytes returned, %.1f s, %d pauses, longest %.0f ms; before/inflated/reclaimed/collapsed: "
+          "L1 Shmem %s MiB, host-bytes %s MiB, Rss %s MiB; collapse %d regions, %d folios moved, %.1f s; %s" % (
+              mr_moved.group(1), r["folios-moved"], r["bytes-moved"] >> 10, r["hugepages-freed"],
+              r["bytes-returned"], r["seconds"], r["pauses"], r["longest-vcpu-pause-ns"] / 1e6,
+              "/".join(str(shmem[k] >> 10) for k in ("before", "inflated", "reclaimed", "collapsed")),
+              "/".join(str(host[k] >> 10) for k in ("before", "inflated", "reclaimed", "collapsed")),
+              "/".join(str(rss[k] >> 10) for k in ("before", "inflated", "reclaimed", "collapsed")),
+              c["regions-collapsed"], c["folios-moved"], c["seconds"], verdict))
+
+
+@pytest.mark.xfail(reason="the pause method stops L2 for seconds per batch of 4 KiB folios (collapse: "
+                   "longest stop 8 s) and vm_pause does not tell kvm-clock (KVM_KVMCLOCK_CTRL), so Linux "
+                   "may log a soft lockup; known defect, not deterministic")
+def test_compact_guest_not_stalled(images):
+    """The compaction scenario's guest logs no soft lockup or RCU stall."""
+    run = scenario(images, "compact")
+    stalls = [l for l in run.console.splitlines() if l.startswith("L2") and
+              ("soft lockup" in l or "rcu_sched detected stall" in l or "rcu: INFO" in l)]
+    run.check(not stalls, "the guest logged stalls during compaction:\n%s" % "\n".join(stalls))
 
 
 def check_mce(run):
