@@ -5,6 +5,7 @@
 #include "migrate.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -238,6 +239,47 @@ nomem:
 	return -ENOMEM;
 }
 
+/* Mappings this process has and may have (vm.max_map_count). */
+static long count_lines(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	char buf[65536];
+	long n = 0;
+	size_t k;
+	if (!f)
+		return -1;
+	while ((k = fread(buf, 1, sizeof(buf), f)) > 0)
+		for (size_t i = 0; i < k; i++)
+			n += buf[i] == '\n';
+	fclose(f);
+	return n;
+}
+
+static long read_sysctl(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	long v = -1;
+	if (f && fscanf(f, "%ld", &v) != 1)
+		v = -1;
+	if (f)
+		fclose(f);
+	return v;
+}
+
+/* How many 4 KiB-folio moves the mapping budget allows: a folio moved out of
+ * its home hugepage becomes a VMA of its own at its GPA, and the piece it
+ * lands on may need a placeholder at the GPA that still mapped it: up to 4
+ * new VMAs. Compaction uses at most half of the headroom below
+ * vm.max_map_count, so the guest's own releases and faults never hit it. */
+static uint64_t map_budget_moves(void)
+{
+	long max = read_sysctl("/proc/sys/vm/max_map_count"), now = count_lines("/proc/self/maps");
+	if (max <= 0 || now < 0)
+		return 0;
+	long room = (max - now) / 2;
+	return room > 0 ? (uint64_t)room / 4 : 0;
+}
+
 static int reclaim(struct guest_mem *gm, const struct mm_compact_req *req, struct mm_migrate_ctx *c,
 		   struct mm_compact_result *res)
 {
@@ -254,7 +296,15 @@ static int reclaim(struct guest_mem *gm, const struct mm_compact_req *req, struc
 		rc = -ENOMEM;
 		goto out;
 	}
-	unsigned ne = compact_plan(hps, nhp, fs, nf, req->budget_bytes >> MM_PAGE_SHIFT, dst, emptied);
+	uint64_t budget = req->budget_bytes >> MM_PAGE_SHIFT, moves = map_budget_moves();
+	res->map_budget_folios = moves;
+	if (!budget || moves < budget)
+		budget = moves ? moves : 1;   /* pages >= folios: conservative */
+	unsigned ne = compact_plan(hps, nhp, fs, nf, budget, dst, emptied);
+	if (moves <= nf)
+		res->note = "memfd: stopped at the mapping budget (half the headroom below "
+			    "vm.max_map_count; 4 KiB pieces moved out of their home hugepage are "
+			    "one mapping each)";
 	for (unsigned i = 0; i < nf; i++) {
 		if (dst[i] == COMPACT_NO_DST)
 			continue;
@@ -282,6 +332,30 @@ out:
 	return rc;
 }
 
+/* ---- hugetlb: demote sparse regions to 4 KiB pages of the side file */
+static int demote_sparse(struct guest_mem *gm, const struct mm_compact_req *req, struct mm_migrate_ctx *c,
+			 struct mm_compact_result *res)
+{
+	unsigned min_free = req->demote_min_free ? req->demote_min_free : 64;
+	for (size_t ri = 0; ri < gm->nranges; ri++) {
+		uint64_t lo = (gm->ranges[ri].gpa + HPAGE_SIZE - 1) >> HPAGE_SHIFT;
+		uint64_t hi = (gm->ranges[ri].gpa + gm->ranges[ri].size) >> HPAGE_SHIFT;
+		for (uint64_t r = lo; r < hi; r++) {
+			if (req->budget_bytes && c->st.bytes_moved >= req->budget_bytes)
+				return 0;
+			pthread_mutex_lock(&gm->lock);
+			struct hpage *h = pool_region_home(gm, r, NULL);
+			bool sparse = h && h->mapped && !h->nr_bad && h->nr_used &&
+				      MM_REGION_PAGES - h->nr_used >= min_free &&
+				      !(region_flags(gm, r) & REGION_DEMOTED);
+			pthread_mutex_unlock(&gm->lock);
+			if (sparse && mm_demote_region(gm, c, r) == 0)
+				res->hugepages_freed++;
+		}
+	}
+	return 0;
+}
+
 /* ---- collapse */
 /* Frames of region r: backed folio frames, holes (unbacked/ballooned), and
  * whether anything forbids a 2 MiB folio (poison, reserved, pinned, MMIO). */
@@ -294,6 +368,11 @@ static void region_census(struct guest_mem *gm, uint64_t r, unsigned *backed, un
 	memdesc_t m0 = mdt_get(&gm->md, g0);
 	struct folio *f0 = memdesc_folio(m0);
 	*whole = memdesc_type(m0) == MEMDESC_FOLIO && f0 && f0->order == MM_MAX_ORDER;
+	if (*whole || mdt_region_is(&gm->md, r, m0)) {
+		/* one 2 MiB folio, or uniformly untouched/ballooned/...: nothing to do */
+		*blocked = !*whole;
+		return;
+	}
 	for (uint64_t g = g0; g < g0 + MM_REGION_PAGES; g++) {
 		memdesc_t md = mdt_get(&gm->md, g);
 		switch (memdesc_type(md)) {
@@ -394,11 +473,17 @@ static int collapse(struct guest_mem *gm, const struct mm_compact_req *req, stru
 			pthread_mutex_unlock(&gm->lock);
 			/* hugetlb: the region's 2 MiB page is mapped whole anyway,
 			 * so its holes cost no host memory to fill. */
-			bool free_holes = gm->backing == MM_BACKING_HUGETLB;
+			bool demoted = region_flags(gm, r) & REGION_DEMOTED;
+			bool free_holes = gm->backing == MM_BACKING_HUGETLB && !demoted;
 			if (whole || blocked || !backed || (backed < min_pages && !free_holes))
 				continue;
+			if (holes && min_pages >= MM_REGION_PAGES)
+				continue;   /* only regions the guest filled itself */
 			/* Holes get memory of their own: a 2 MiB folio has no holes. */
 			if (holes && mm_populate(gm, g0, MM_REGION_PAGES, MM_MAX_ORDER))
+				continue;
+			/* A demoted region goes back onto a hugetlb page first. */
+			if (demoted && mm_promote_region(gm, c, r))
 				continue;
 			if (gm->pool.fd >= 0 && gm->backing != MM_BACKING_HUGETLB &&
 			    gather_region(gm, c, r, req->budget_bytes))
@@ -438,8 +523,7 @@ int mm_compact(struct guest_mem *gm, const struct mm_compact_req *req, const str
 			rc = reclaim(gm, req, &c, res);
 			break;
 		case MM_BACKING_HUGETLB:
-			res->note = "hugetlb: a 2 MiB page maps whole at its region, so only regions "
-				    "with every page free go back (at release)";
+			rc = demote_sparse(gm, req, &c, res);
 			break;
 		default:
 			res->note = "anonymous memory: freed 4 KiB pages went back at release; "
@@ -449,6 +533,8 @@ int mm_compact(struct guest_mem *gm, const struct mm_compact_req *req, const str
 	}
 	mm_migrate_end(gm, &c);
 	res->mig = c.st;
+	res->regions_demoted = c.st.regions_demoted;
+	res->regions_promoted = c.st.regions_promoted;
 	mm_query_stats(gm, &st);
 	res->hugepages_in_use_after = st.hugepages_in_use;
 	hb = mm_host_bytes(gm);
@@ -457,4 +543,12 @@ int mm_compact(struct guest_mem *gm, const struct mm_compact_req *req, const str
 		res->bytes_returned = res->host_bytes_before - res->host_bytes_after;
 	res->ns = now_ns() - t0;
 	return rc;
+}
+
+uint64_t mm_regions_demoted(struct guest_mem *gm)
+{
+	pthread_mutex_lock(&gm->lock);
+	uint64_t n = gm->pool.demoted;
+	pthread_mutex_unlock(&gm->lock);
+	return n;
 }

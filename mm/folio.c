@@ -138,16 +138,36 @@ int folio_split_locked(struct guest_mem *gm, struct folio *f, unsigned new_order
 {
 	if (new_order >= f->order)
 		return -EINVAL;
-	int rc = folio_ref_freeze(f);
-	if (rc)
-		return rc;
 	unsigned old = f->order;
 	uint64_t n = 1ULL << (old - new_order), step = 1ULL << new_order;
+	/* Descriptors first: out of memory leaves the folio as it was. */
+	struct folio *one[1], **ts = n - 1 <= 1 ? one : malloc((n - 1) * sizeof(*ts));
+	if (!ts)
+		return -ENOMEM;
+	for (uint64_t i = 0; i < n - 1; i++) {
+		if (!(ts[i] = folio_alloc(gm))) {
+			while (i--) {
+				atomic_store(&ts[i]->refcount, 0);
+				folio_free(gm, ts[i]);
+			}
+			if (ts != one)
+				free(ts);
+			return -ENOMEM;
+		}
+	}
+	int rc = folio_ref_freeze(f);
+	if (rc) {
+		for (uint64_t i = 0; i < n - 1; i++) {
+			atomic_store(&ts[i]->refcount, 0);
+			folio_free(gm, ts[i]);
+		}
+		if (ts != one)
+			free(ts);
+		return rc;
+	}
 	uint32_t flags = folio_flags_get(f);
 	for (uint64_t i = 1; i < n; i++) {
-		struct folio *t = folio_alloc(gm);
-		if (!t)
-			abort();
+		struct folio *t = ts[i - 1];
 		t->gfn = f->gfn + i * step;
 		t->order = (uint8_t)new_order;
 		t->owner = f->owner;
@@ -162,6 +182,8 @@ int folio_split_locked(struct guest_mem *gm, struct folio *f, unsigned new_order
 	gm->folios[old]--;
 	gm->folios[new_order] += n;
 	folio_ref_unfreeze(f);
+	if (ts != one)
+		free(ts);
 	return 0;
 }
 
@@ -275,7 +297,7 @@ int folio_release_locked(struct guest_mem *gm, struct folio *f, enum memdesc_typ
 	uint64_t gfn = f->gfn, nr = folio_nr_pages(f);
 	if (folio_flags_get(f) & FOLIO_PINNED)
 		return -EBUSY;
-	if (gm->backing == MM_BACKING_HUGETLB) {
+	if (gm->backing == MM_BACKING_HUGETLB && f->hpage != SIDE_HPAGE) {
 		/* 2 MiB mappings: only a whole region gives memory back; a
 		 * ballooned part keeps its (zeroed) backing until then. */
 		uint64_t r0 = gfn & ~(uint64_t)(MM_REGION_PAGES - 1);
@@ -310,8 +332,7 @@ int folio_release_locked(struct guest_mem *gm, struct folio *f, enum memdesc_typ
 		return rc;
 	mdt_set_range(gm, gfn, nr, memdesc_make(new_type, NULL));
 	gm->folios[f->order]--;
-	unmap_range(gm, gfn, nr);
-	pool_unplace(gm, f, true);
+	pool_unplace_release(gm, f);
 	folio_free(gm, f);
 	return 0;
 }
@@ -329,16 +350,19 @@ int folio_poison_locked(struct guest_mem *gm, uint64_t gfn)
 		return rc;
 	uint32_t hp = f->hpage;
 	unsigned piece = f->piece;
+	bool demoted = hp == SIDE_HPAGE;   /* 4 KiB pages of the side file */
 	mdt_set_range(gm, gfn, 1, memdesc_make(MEMDESC_POISONED, NULL));
 	gm->folios[0]--;
-	if (gm->backing != MM_BACKING_HUGETLB)
+	if (demoted)
+		madvise(gm->base + (gfn << MM_PAGE_SHIFT), MM_PAGE_SIZE, MADV_DONTNEED);
+	else if (gm->backing != MM_BACKING_HUGETLB)
 		unmap_range(gm, gfn, 1);
 	pool_unplace(gm, f, true);
 	if (gm->backing != MM_BACKING_ANON && gm->backing != MM_BACKING_THP)
 		pool_quarantine(gm, hp, piece);
 	folio_free(gm, f);
 	/* Accesses to the page now fault into mm/; answer them with poison. */
-	if (gm->uffd >= 0 && gm->backing != MM_BACKING_HUGETLB)
+	if (gm->uffd >= 0 && (gm->backing != MM_BACKING_HUGETLB || demoted))
 		uffd_poison(gm, gfn << MM_PAGE_SHIFT, MM_PAGE_SIZE);
 	return 0;
 }
@@ -361,7 +385,7 @@ static int folio_op_move(struct guest_mem *gm, memdesc_t md, uint64_t gfn, uint3
 	struct folio *f = memdesc_folio(md);
 	if (folio_flags_get(f) & (FOLIO_PINNED | FOLIO_HWPOISON))
 		return -EBUSY;
-	if (gm->backing == MM_BACKING_HUGETLB && f->order < MM_MAX_ORDER)
+	if (gm->backing == MM_BACKING_HUGETLB && (f->order < MM_MAX_ORDER || f->hpage == SIDE_HPAGE))
 		return -EOPNOTSUPP;   /* a hugetlb mapping moves 2 MiB at a time */
 	int rc = folio_ref_freeze(f);
 	if (rc)
@@ -381,7 +405,10 @@ static int folio_op_move(struct guest_mem *gm, memdesc_t md, uint64_t gfn, uint3
 		uint8_t *n = (uint8_t *)(((uintptr_t)raw + al - 1) & ~(uintptr_t)(al - 1));
 		if (gm->backing == MM_BACKING_THP)
 			madvise(n, len, MADV_HUGEPAGE);
-		memcpy(n, at, len);
+		if ((rc = folio_copy_out(gm, f->hpage, f->piece, gpa, len, n))) {
+			munmap(raw, len + al);
+			goto out;
+		}
 		if (mremap(n, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, at) == MAP_FAILED) {
 			rc = -errno;
 			munmap(raw, len + al);
@@ -391,6 +418,7 @@ static int folio_op_move(struct guest_mem *gm, memdesc_t md, uint64_t gfn, uint3
 			munmap(raw, (size_t)(n - raw));
 		if (n + len < raw + len + al)
 			munmap(n + len, (size_t)(raw + len + al - (n + len)));
+		region_rearm(gm, gpa, len);
 		goto out;
 	}
 	struct folio old = *f;
@@ -408,13 +436,16 @@ static int folio_op_move(struct guest_mem *gm, memdesc_t md, uint64_t gfn, uint3
 		rc = -errno;
 		goto undo;
 	}
-	memcpy(tmp, at, len);
+	rc = folio_copy_out(gm, old.hpage, old.piece, gpa, len, tmp);
 	munmap(tmp, len);
+	if (rc)
+		goto undo;
 	if (mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, gm->pool.fd,
 		 (off_t)off) == MAP_FAILED) {
 		rc = -errno;
 		goto undo;
 	}
+	region_rearm(gm, gpa, len);
 	struct folio nw = *f;
 	*f = old;                  /* release the old pieces */
 	pool_unplace(gm, f, true);

@@ -17,7 +17,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <time.h>
 
 static uint64_t now_ns(void)
@@ -63,7 +65,10 @@ int64_t mm_host_bytes(struct guest_mem *gm)
 	struct stat st;
 	if (gm->pool.fd < 0 || fstat(gm->pool.fd, &st) < 0)
 		return -1;
-	return (int64_t)st.st_blocks * 512;
+	int64_t n = (int64_t)st.st_blocks * 512;
+	if (gm->pool.side_fd >= 0 && fstat(gm->pool.side_fd, &st) == 0)
+		n += (int64_t)st.st_blocks * 512;   /* demoted regions' pages */
+	return n;
 }
 
 int mm_migrate_begin(struct guest_mem *gm, struct mm_migrate_ctx *c, enum mm_migrate_method m,
@@ -142,22 +147,31 @@ static void count_refusal(struct mm_migrate_stats *st, int rc)
 
 /* Copy [at, at+len) to dst; under wp the range is write-protected first and
  * the writers are woken once `remap` has put the new location in place. */
-static int copy_and_remap(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t gpa,
-			  uint64_t len, void *dst, int (*remap)(void *), void *arg)
+static int copy_and_remap(struct guest_mem *gm, struct mm_migrate_ctx *c, uint32_t hpage,
+			  unsigned piece, uint64_t gpa, uint64_t len, void *dst, int (*remap)(void *),
+			  void *arg)
 {
-	uint8_t *at = gm->base + gpa;
-	uint64_t t0 = now_ns(), t1;
+	uint64_t t0, t1;
 	int rc = 0;
+	if (c->method == MM_MIGRATE_WP) {
+		/* Registered before the window opens (a registration splits
+		 * VMAs); kept registered afterwards, so the next move of this
+		 * region only write-protects. */
+		for (uint64_t r = gpa >> 21; r <= (gpa + len - 1) >> 21 && !rc; r++)
+			rc = region_arm(gm, r);
+		if (rc)
+			return rc;
+	}
+	t0 = now_ns();
 	if (c->method == MM_MIGRATE_WP && (rc = uffd_wp_range(gm, gpa, len)))
 		return rc;
-	memcpy(dst, at, len);
+	rc = folio_copy_out(gm, hpage, piece, gpa, len, dst);
 	t1 = now_ns();
-	rc = remap(arg);
+	if (!rc)
+		rc = remap(arg);
 	if (c->method == MM_MIGRATE_WP) {
-		if (rc) {
-			/* Keep the old location: lift the protection. */
-			uffd_unregister_range(gm, gpa, len);
-		}
+		if (rc)
+			uffd_unprotect_range(gm, gpa, len);   /* keep the old location */
 		uffd_wake_range(gm, gpa, len);
 		uint64_t d = now_ns() - t0;
 		c->st.wp_ns_total += d;
@@ -165,6 +179,8 @@ static int copy_and_remap(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64
 			c->st.wp_ns_max = d;
 	}
 	c->st.copy_ns_total += t1 - t0;
+	if (!rc)
+		region_rearm(gm, gpa, len);   /* the new VMA: registered like its region */
 	return rc;
 }
 
@@ -209,7 +225,7 @@ static int move_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, struct fo
 		if (gm->backing == MM_BACKING_THP)
 			madvise(n, len, MADV_HUGEPAGE);
 		struct anon_remap r = { n, at, len };
-		rc = copy_and_remap(gm, c, gpa, len, n, anon_remap, &r);
+		rc = copy_and_remap(gm, c, f->hpage, f->piece, gpa, len, n, anon_remap, &r);
 		if (rc)
 			munmap(n, len);
 		return rc;
@@ -232,7 +248,7 @@ static int move_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, struct fo
 		goto undo;
 	}
 	struct fd_remap r = { gm, at, len, off };
-	rc = copy_and_remap(gm, c, gpa, len, tmp, fd_remap, &r);
+	rc = copy_and_remap(gm, c, old_hp, old_piece, gpa, len, tmp, fd_remap, &r);
 	munmap(tmp, len);
 	if (rc)
 		goto undo;
@@ -268,8 +284,8 @@ int mm_migrate_folio(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t gf
 		rc = -ENOENT;
 	else if ((rc = refusal(f)))
 		;
-	else if (gm->backing == MM_BACKING_HUGETLB && f->order < MM_MAX_ORDER)
-		rc = -EOPNOTSUPP;
+	else if (gm->backing == MM_BACKING_HUGETLB && (f->order < MM_MAX_ORDER || f->hpage == SIDE_HPAGE))
+		rc = -EOPNOTSUPP;   /* demoted regions go back whole (collapse) */
 	else if (folio_ref_freeze(f))
 		rc = MM_MIGRATE_BUSY;
 	else {
@@ -282,6 +298,250 @@ int mm_migrate_folio(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t gf
 			c->st.folios_moved++;
 			c->st.bytes_moved += len;
 			c->paused_bytes += len;
+		}
+	}
+	pthread_mutex_unlock(&gm->lock);
+	count_refusal(&c->st, rc);
+	if (c->paused && c->paused_bytes >= c->pause_budget_bytes)
+		pause_stop(c);
+	return rc;
+}
+
+/* ---- hugetlb demotion / promotion */
+
+/* Freeze every folio of region r (refusing as a move would); n of them. */
+static int region_freeze(struct guest_mem *gm, uint64_t r, bool need_full, unsigned *n)
+{
+	uint64_t g0 = r << REGION_SHIFT, g;
+	int rc = 0;
+	*n = 0;
+	for (g = g0; g < g0 + MM_REGION_PAGES;) {
+		memdesc_t md = mdt_get(&gm->md, g);
+		struct folio *f = memdesc_folio(md);
+		if (memdesc_type(md) == MEMDESC_POISONED) {
+			rc = MM_MIGRATE_POISONED;
+			break;
+		}
+		if (!f) {
+			if (need_full || !(md == 0 || memdesc_type(md) == MEMDESC_BALLOONED)) {
+				rc = -EINVAL;
+				break;
+			}
+			g++;
+			continue;
+		}
+		if ((rc = refusal(f)))
+			break;
+		if (folio_ref_freeze(f)) {
+			rc = MM_MIGRATE_BUSY;
+			break;
+		}
+		atomic_fetch_or(&f->flags, FOLIO_MIGRATING);
+		(*n)++;
+		g = f->gfn + folio_nr_pages(f);
+	}
+	if (!rc)
+		return 0;
+	for (uint64_t u = g0; u < g;) {   /* thaw what was frozen */
+		struct folio *f = memdesc_folio(mdt_get(&gm->md, u));
+		if (!f) {
+			u++;
+			continue;
+		}
+		atomic_fetch_and(&f->flags, ~(uint32_t)FOLIO_MIGRATING);
+		folio_ref_unfreeze(f);
+		u = f->gfn + folio_nr_pages(f);
+	}
+	return rc;
+}
+
+static void region_thaw(struct guest_mem *gm, uint64_t r)
+{
+	uint64_t g0 = r << REGION_SHIFT;
+	for (uint64_t g = g0; g < g0 + MM_REGION_PAGES;) {
+		struct folio *f = memdesc_folio(mdt_get(&gm->md, g));
+		if (!f) {
+			g++;
+			continue;
+		}
+		atomic_fetch_and(&f->flags, ~(uint32_t)FOLIO_MIGRATING);
+		folio_ref_unfreeze(f);
+		g = f->gfn + folio_nr_pages(f);
+	}
+}
+
+static void window_end(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t gpa, uint64_t t0)
+{
+	if (c->method != MM_MIGRATE_WP)
+		return;
+	uffd_wake_range(gm, gpa, HPAGE_SIZE);
+	uint64_t d = now_ns() - t0;
+	c->st.wp_ns_total += d;
+	if (d > c->st.wp_ns_max)
+		c->st.wp_ns_max = d;
+}
+
+static int demote_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t r, uint64_t *copied)
+{
+	uint64_t gpa = r << HPAGE_SHIFT, g0 = r << REGION_SHIFT;
+	uint32_t idx;
+	struct hpage *h = pool_region_home(gm, r, &idx);
+	int rc;
+	if (gm->pool.side_fd < 0 || (region_flags(gm, r) & REGION_DEMOTED) || !h || !h->mapped ||
+	    h->nr_bad || h->region != r || !h->nr_used)
+		return -EINVAL;
+	if ((rc = region_arm(gm, r)))
+		return rc;
+	uint64_t t0 = now_ns();
+	if (c->method == MM_MIGRATE_WP && (rc = uffd_wp_range(gm, gpa, HPAGE_SIZE)))
+		return rc;
+	/* Live pages to their colour in the side file (the hugetlb page is
+	 * mapped whole: reading it never faults). */
+	*copied = 0;
+	for (uint64_t g = g0; g < g0 + MM_REGION_PAGES && !rc;) {
+		struct folio *f = memdesc_folio(mdt_get(&gm->md, g));
+		if (!f) {
+			g++;
+			continue;
+		}
+		uint64_t e = f->gfn + folio_nr_pages(f);   /* extend over adjacent folios */
+		for (struct folio *n; e < g0 + MM_REGION_PAGES && (n = memdesc_folio(mdt_get(&gm->md, e)));)
+			e = n->gfn + folio_nr_pages(n);
+		uint64_t off = g << MM_PAGE_SHIFT, len = (e - g) << MM_PAGE_SHIFT;
+		for (uint64_t done = 0; done < len && !rc;) {
+			ssize_t w = pwrite(gm->pool.side_fd, gm->base + off + done, len - done, (off_t)(off + done));
+			if (w <= 0)
+				rc = w < 0 ? -errno : -EIO;
+			else
+				done += (uint64_t)w;
+		}
+		*copied += len;
+		g = e;
+	}
+	if (!rc && mmap(gm->base + gpa, HPAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+			gm->pool.side_fd, (off_t)gpa) == MAP_FAILED)
+		rc = -errno;
+	if (rc) {
+		fallocate(gm->pool.side_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)gpa,
+			  (off_t)HPAGE_SIZE);
+		if (c->method == MM_MIGRATE_WP)
+			uffd_unprotect_range(gm, gpa, HPAGE_SIZE);
+		window_end(gm, c, gpa, t0);
+		return rc;
+	}
+	region_rearm(gm, gpa, HPAGE_SIZE);
+	pool_demote_region(gm, r);   /* gives the hugetlb page back */
+	window_end(gm, c, gpa, t0);
+	/* A vCPU that touched a free page between the mmap and the
+	 * registration got a page of the side file behind mm/'s back: adopt it
+	 * (a deflate, as a touch of a ballooned page is). */
+	for (off_t o = (off_t)gpa; o < (off_t)(gpa + HPAGE_SIZE);) {
+		off_t d = lseek(gm->pool.side_fd, o, SEEK_DATA);
+		if (d < 0 || d >= (off_t)(gpa + HPAGE_SIZE))
+			break;
+		off_t e = lseek(gm->pool.side_fd, d, SEEK_HOLE);
+		if (e < 0 || e > (off_t)(gpa + HPAGE_SIZE))
+			e = (off_t)(gpa + HPAGE_SIZE);
+		for (uint64_t g = (uint64_t)d >> MM_PAGE_SHIFT; g < (uint64_t)e >> MM_PAGE_SHIFT; g++)
+			if (!memdesc_folio(mdt_get(&gm->md, g)))
+				populate_locked(gm, g, 1, 0, MEMDESC_FOLIO);
+		o = e;
+	}
+	return 0;
+}
+
+int mm_demote_region(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t region)
+{
+	int rc;
+	unsigned n;
+	uint64_t copied = 0;
+	if (gm->backing != MM_BACKING_HUGETLB || region >= gm->md.nregions)
+		return -EINVAL;
+	if (c->method == MM_MIGRATE_PAUSE && (rc = pause_start(c)))
+		return rc;
+	pthread_mutex_lock(&gm->lock);
+	if (!(rc = region_freeze(gm, region, false, &n))) {
+		rc = demote_locked(gm, c, region, &copied);
+		region_thaw(gm, region);
+		if (!rc) {
+			c->st.regions_demoted++;
+			c->st.folios_moved += n;
+			c->st.bytes_moved += copied;
+			c->paused_bytes += copied;
+		}
+	}
+	pthread_mutex_unlock(&gm->lock);
+	count_refusal(&c->st, rc);
+	if (c->paused && c->paused_bytes >= c->pause_budget_bytes)
+		pause_stop(c);
+	return rc;
+}
+
+static int promote_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t r)
+{
+	uint64_t gpa = r << HPAGE_SHIFT;
+	uint32_t idx;
+	int rc;
+	if (!(region_flags(gm, r) & REGION_DEMOTED))
+		return -EINVAL;
+	if ((rc = pool_hpage_new(gm, &idx)))
+		return rc;
+	uint8_t *tmp = mmap(NULL, HPAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, gm->pool.fd,
+			    (off_t)pool_offset(idx, 0));
+	if (tmp == MAP_FAILED) {
+		rc = -errno;
+		pool_hpage_drop(gm, idx);
+		return rc;
+	}
+	if ((rc = region_arm(gm, r)))
+		goto out;
+	uint64_t t0 = now_ns();
+	if (c->method == MM_MIGRATE_WP && (rc = uffd_wp_range(gm, gpa, HPAGE_SIZE)))
+		goto out;
+	/* From the side file (holes read as zero, no fault). */
+	for (uint64_t done = 0; done < HPAGE_SIZE && !rc;) {
+		ssize_t n = pread(gm->pool.side_fd, tmp + done, HPAGE_SIZE - done, (off_t)(gpa + done));
+		if (n <= 0)
+			rc = n < 0 ? -errno : -EIO;
+		else
+			done += (uint64_t)n;
+	}
+	if (!rc && mmap(gm->base + gpa, HPAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+			gm->pool.fd, (off_t)pool_offset(idx, 0)) == MAP_FAILED)
+		rc = -errno;
+	if (rc) {
+		if (c->method == MM_MIGRATE_WP)
+			uffd_unprotect_range(gm, gpa, HPAGE_SIZE);
+		window_end(gm, c, gpa, t0);
+		goto out;
+	}
+	region_rearm(gm, gpa, HPAGE_SIZE);
+	pool_promote_region(gm, r, idx);   /* punches the side pages */
+	window_end(gm, c, gpa, t0);
+out:
+	munmap(tmp, HPAGE_SIZE);
+	if (rc)
+		pool_hpage_drop(gm, idx);
+	return rc;
+}
+
+int mm_promote_region(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t region)
+{
+	int rc;
+	unsigned n;
+	if (gm->backing != MM_BACKING_HUGETLB || region >= gm->md.nregions)
+		return -EINVAL;
+	if (c->method == MM_MIGRATE_PAUSE && (rc = pause_start(c)))
+		return rc;
+	pthread_mutex_lock(&gm->lock);
+	if (!(rc = region_freeze(gm, region, true, &n))) {
+		rc = promote_locked(gm, c, region);
+		region_thaw(gm, region);
+		if (!rc) {
+			c->st.regions_promoted++;
+			c->st.folios_moved += n;
+			c->st.bytes_moved += HPAGE_SIZE;
+			c->paused_bytes += HPAGE_SIZE;
 		}
 	}
 	pthread_mutex_unlock(&gm->lock);

@@ -41,6 +41,7 @@ struct mm_migrate_stats {
 	uint64_t wp_ns_max, wp_ns_total;                /* folio write-protected (wp method):
 							 * the longest a writer can stall */
 	uint64_t copy_ns_total;
+	uint64_t regions_demoted, regions_promoted;     /* hugetlb <-> 4 KiB side file */
 };
 
 /* One migration session (a compaction run). */
@@ -67,6 +68,15 @@ void mm_migrate_end(struct guest_mem *gm, struct mm_migrate_ctx *c);  /* resumes
  * -ENOSPC: no room in dst. Call without gm->lock and no folio reference. */
 int  mm_migrate_folio(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t gfn, uint32_t dst);
 
+/* hugetlb demotion: copy the live pages of 2 MiB guest region r (a region
+ * mapped whole from one hugetlb page) to a 4 KiB-granular shmem side file,
+ * map the region from it and give the hugetlb page back: the host gets the
+ * region's free pages back. Promotion is the reverse, for a region whose
+ * 512 pages all have folios (collapse). Same refusals and methods as
+ * mm_migrate_folio; -EINVAL if r is not in the right state. */
+int  mm_demote_region(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t region);
+int  mm_promote_region(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t region);
+
 /* ------------------------------------------------------------------------
  * Compaction (mm/compact.c). */
 enum mm_compact_mode {
@@ -79,7 +89,10 @@ struct mm_compact_req {
 	uint64_t budget_bytes;         /* stop after copying this much (0: no limit) */
 	uint64_t gpa, size;            /* collapse: the range (size 0: all RAM) */
 	unsigned collapse_min_pages;   /* collapse: populate holes only if the region has at
-					* least this many backed pages (0: 448) */
+					* least this many backed pages (0: 448; 512: never
+					* fill holes, only regions the guest filled) */
+	unsigned demote_min_free;      /* reclaim, hugetlb: demote a region only with at least
+					* this many free pages (0: 64) */
 };
 struct mm_compact_result {
 	struct mm_migrate_stats mig;
@@ -87,6 +100,8 @@ struct mm_compact_result {
 	uint64_t hugepages_freed;      /* pool hugepages emptied and given back */
 	uint64_t bytes_returned;       /* host memory (file blocks) given back */
 	uint64_t regions_collapsed;    /* 2 MiB regions now one order-9 folio */
+	uint64_t regions_demoted, regions_promoted;
+	uint64_t map_budget_folios;    /* memfd reclaim: moves the VMA budget allowed (0: none) */
 	uint64_t hugepages_in_use_before, hugepages_in_use_after;
 	uint64_t host_bytes_before, host_bytes_after;
 	uint64_t ns;
@@ -98,6 +113,8 @@ int mm_compact(struct guest_mem *gm, const struct mm_compact_req *req, const str
 /* Host memory behind guest RAM: allocated blocks of the backing file
  * (hugetlb, memfd), or -1 for anonymous backings (see the process RSS). */
 int64_t mm_host_bytes(struct guest_mem *gm);
+/* hugetlb regions living in 4 KiB pages of the side file now. */
+uint64_t mm_regions_demoted(struct guest_mem *gm);
 
 /* The placement policy, exposed for unit tests: which hugepages to empty and
  * where each folio goes. in: one entry per live hugepage; folios: the

@@ -465,7 +465,10 @@ int populate_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr, unsigned or
 			g++;
 			continue;
 		}
-		int k = choose_order(gm, g, order_max, clamp, gfn, end, false);
+		/* A demoted region was made 4 KiB-granular to give memory back:
+		 * a touch there costs one page, not a large folio. */
+		unsigned om = region_flags(gm, g >> REGION_SHIFT) & REGION_DEMOTED ? 0 : order_max;
+		int k = choose_order(gm, g, om, clamp, gfn, end, false);
 		if (k < 0) {
 			g++;
 			continue;
@@ -554,6 +557,11 @@ long mm_unpoison_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
 			 * poison marker): the next touch faults in new memory. The
 			 * failed host piece stays quarantined. */
 			rc = unmap_range(gm, g, 1);
+			continue;
+		}
+		if (region_flags(gm, g >> REGION_SHIFT) & REGION_DEMOTED) {
+			/* 4 KiB side-file mapping: drop the poison marker. */
+			madvise(gm->base + (g << MM_PAGE_SHIFT), MM_PAGE_SIZE, MADV_DONTNEED);
 			continue;
 		}
 		/* hugetlb: the 2 MiB page stays; give the piece back, zeroed. */

@@ -66,6 +66,9 @@ struct hpage {
 	uint8_t  mapped;    /* hugetlb: mapped whole at its home region's GPA */
 	uint32_t *owners;   /* folio id + 1 per piece, for occupants that are not
 			     * home-coloured; NULL while there are none */
+	uint64_t *stale;    /* memfd: free pieces still mapped at their home-colour
+			     * GPA (a released page keeps the file mapping, a hole
+			     * caught by userfaultfd); NULL while there are none */
 };
 #define HPAGE_CHUNK 64
 
@@ -81,7 +84,18 @@ struct mm_pool {
 	uint64_t in_use;            /* hugepages with nr_used > 0 */
 	uint64_t live;              /* hugepages set up */
 	uint64_t owners_arrays;
+	struct lazy_array rflags;   /* uint8_t per guest region: REGION_* */
+	int side_fd;                /* hugetlb: 4 KiB shmem file of demoted regions
+				     * (region r at offset r * 2 MiB); else -1 */
+	uint64_t demoted;           /* regions demoted now */
+	struct folio *reuse;        /* pool_place -> map_folio: its mapping is in place */
 };
+/* Per-region state (pool.rflags). */
+#define REGION_ARMED   1u   /* every VMA of the region is registered for userfaultfd
+			     * MISSING (+ WP when available): holes fault into mm/ */
+#define REGION_DEMOTED 2u   /* hugetlb region whose pages live in the 4 KiB side
+			     * file, mapped whole from it; its hugetlb page is gone */
+#define SIDE_HPAGE (NO_HPAGE - 1)   /* f->hpage of a folio in a demoted region */
 
 /* Folio slab cache: 16 KiB slabs of 512 descriptors; type-stable. */
 #define FOLIO_SLAB_SHIFT 9
@@ -179,6 +193,7 @@ struct hpage *pool_hpage(struct mm_pool *p, uint32_t idx);   /* NULL if never se
 int  pool_place(struct guest_mem *gm, struct folio *f, uint32_t want, uint32_t avoid,
 		bool *new_region_map);
 void pool_unplace(struct guest_mem *gm, struct folio *f, bool punch);
+void pool_unplace_release(struct guest_mem *gm, struct folio *f);   /* release path: may keep the mapping */
 void pool_quarantine(struct guest_mem *gm, uint32_t hpage, unsigned piece);
 void pool_unquarantine(struct guest_mem *gm, uint32_t hpage, unsigned piece);
 /* hugetlb: the home hugepage of guest region r (NULL if none). */
@@ -192,6 +207,27 @@ int  map_folio(struct guest_mem *gm, struct folio *f, bool new_region_map);
 /* Return [gfn, gfn+nr) to the never-touched placeholder (first touch faults again). */
 int  unmap_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr);
 int  placeholder_init(struct guest_mem *gm, uint64_t gpa, uint64_t size);
+unsigned region_flags(struct guest_mem *gm, uint64_t region);
+/* Register the whole of region r (its RAM part) for userfaultfd MISSING
+ * (+WP): released pages can then stay holes of the existing mapping instead
+ * of one placeholder VMA each. 0 or -errno. */
+int  region_arm(struct guest_mem *gm, uint64_t region);
+/* After an mmap inside [gpa, gpa+len) of an armed region: register it too. */
+void region_rearm(struct guest_mem *gm, uint64_t gpa, uint64_t len);
+/* Copy a folio's data (its host pieces hpage/piece, mapped at gpa) to dst
+ * without touching holes through the guest window (that would fault into
+ * userfaultfd, whose thread needs gm->lock). 0 or -errno. */
+int  folio_copy_out(struct guest_mem *gm, uint32_t hpage, unsigned piece, uint64_t gpa,
+		    uint64_t len, void *dst);
+/* A userfaultfd MISSING fault on a page that has a folio (a hole of an armed
+ * mapping): give it memory. Under gm->lock. */
+void resolve_folio_fault(struct guest_mem *gm, struct folio *f, uint64_t gfn);
+/* hugetlb demotion (pool.c): move region r's folios to the side file
+ * bookkeeping (after their data was copied there) / back onto hugepage idx. */
+void pool_demote_region(struct guest_mem *gm, uint64_t region);
+int  pool_promote_region(struct guest_mem *gm, uint64_t region, uint32_t idx);
+int  pool_hpage_new(struct guest_mem *gm, uint32_t *idx);
+void pool_hpage_drop(struct guest_mem *gm, uint32_t idx);   /* a fresh, unused one */
 
 /* uffd.c */
 int  uffd_start(struct guest_mem *gm, char *why, size_t whylen);
@@ -202,7 +238,11 @@ int  uffd_poison(struct guest_mem *gm, uint64_t gpa, uint64_t size);
 /* Write-protect [gpa, gpa+size) (registering it for WP first) or wake its
  * blocked writers; writers block until the range is remapped or woken. */
 int  uffd_wp_range(struct guest_mem *gm, uint64_t gpa, uint64_t size);
+int  uffd_unprotect_range(struct guest_mem *gm, uint64_t gpa, uint64_t size);
 void uffd_wake_range(struct guest_mem *gm, uint64_t gpa, uint64_t size);
+/* Register for MISSING, and WP when the host has it (mode of every range). */
+int  uffd_arm_range(struct guest_mem *gm, uint64_t gpa, uint64_t size);
+int  uffd_zeropage(struct guest_mem *gm, uint64_t gpa, uint64_t size);
 
 /* mm.c */
 bool gfn_is_ram(const struct guest_mem *gm, uint64_t gfn);

@@ -31,7 +31,12 @@ int pool_init(struct guest_mem *gm, char *err, size_t errlen)
 	memset(p, 0, sizeof(*p));
 	p->kind = gm->backing;
 	p->fd = -1;
+	p->side_fd = -1;
 	p->free_head = NO_HPAGE;
+	if (lazy_array_init(&p->rflags, gm->md.nregions) < 0) {
+		snprintf(err, errlen, "out of address space");
+		return -1;
+	}
 	if (p->kind == MM_BACKING_HUGETLB || p->kind == MM_BACKING_MEMFD) {
 		uint64_t ram_regions = 0;
 		for (size_t i = 0; i < gm->nranges; i++)
@@ -53,6 +58,15 @@ int pool_init(struct guest_mem *gm, char *err, size_t errlen)
 			snprintf(err, errlen, "out of address space");
 			return -1;
 		}
+		/* Demoted hugetlb regions keep their pages here, 4 KiB each,
+		 * region r at offset r * 2 MiB (sparse: only live pages cost). */
+		if (p->kind == MM_BACKING_HUGETLB) {
+			p->side_fd = memfd_create("mdvm-ram-demoted", MFD_CLOEXEC);
+			if (p->side_fd < 0 || ftruncate(p->side_fd, (off_t)(gm->md.nregions << HPAGE_SHIFT)) < 0) {
+				snprintf(err, errlen, "side file for demoted regions: %s", strerror(errno));
+				return -1;
+			}
+		}
 	} else {
 		p->capacity = gm->md.nregions;   /* identity: hugepage i = guest region i */
 	}
@@ -72,17 +86,90 @@ void pool_destroy(struct guest_mem *gm)
 		for (uint64_t c = 0; c < p->nchunks; c++) {
 			if (!p->chunks[c])
 				continue;
-			for (unsigned i = 0; i < HPAGE_CHUNK; i++)
+			for (unsigned i = 0; i < HPAGE_CHUNK; i++) {
 				free(p->chunks[c][i].owners);
+				free(p->chunks[c][i].stale);
+			}
 			free(p->chunks[c]);
 		}
 		free(p->chunks);
 	}
 	lazy_array_free(&p->home);
+	lazy_array_free(&p->rflags);
 	if (p->fd >= 0)
 		close(p->fd);
+	if (p->side_fd >= 0)
+		close(p->side_fd);
 	memset(p, 0, sizeof(*p));
-	p->fd = -1;
+	p->fd = p->side_fd = -1;
+}
+
+/* ---- per-region state */
+unsigned region_flags(struct guest_mem *gm, uint64_t region)
+{
+	struct lazy_array *a = &gm->pool.rflags;
+	return a->p && region < gm->md.nregions ? ((uint8_t *)a->p)[region] : 0;
+}
+
+static void region_flags_set(struct guest_mem *gm, uint64_t region, unsigned set, unsigned clear)
+{
+	struct lazy_array *a = &gm->pool.rflags;
+	if (!a->p || region >= gm->md.nregions)
+		return;
+	lazy_array_touch(a, region);
+	uint8_t *v = (uint8_t *)a->p + region;
+	*v = (uint8_t)((*v & ~clear) | set);
+}
+
+/* The RAM part of region r: [*gpa, *gpa + *len). */
+static bool region_ram(struct guest_mem *gm, uint64_t region, uint64_t *gpa, uint64_t *len)
+{
+	uint64_t lo = region << HPAGE_SHIFT, hi = lo + HPAGE_SIZE;
+	for (size_t i = 0; i < gm->nranges; i++) {
+		uint64_t a = gm->ranges[i].gpa, b = a + gm->ranges[i].size;
+		a = a > lo ? a : lo;
+		b = b < hi ? b : hi;
+		if (a < b) {
+			*gpa = a;
+			*len = b - a;
+			return true;
+		}
+	}
+	return false;
+}
+
+int region_arm(struct guest_mem *gm, uint64_t region)
+{
+	uint64_t gpa, len;
+	if (region_flags(gm, region) & REGION_ARMED)
+		return 0;
+	if (gm->uffd < 0 || !region_ram(gm, region, &gpa, &len))
+		return -EOPNOTSUPP;
+	int rc = uffd_arm_range(gm, gpa, len);
+	if (!rc)
+		region_flags_set(gm, region, REGION_ARMED, 0);
+	return rc;
+}
+
+static void stale_forget(struct guest_mem *gm, uint64_t gpa, uint64_t len);
+
+void region_rearm(struct guest_mem *gm, uint64_t gpa, uint64_t len)
+{
+	stale_forget(gm, gpa, len);
+	for (uint64_t r = gpa >> HPAGE_SHIFT; r <= (gpa + len - 1) >> HPAGE_SHIFT; r++) {
+		if (!(region_flags(gm, r) & REGION_ARMED))
+			continue;
+		uint64_t lo = r << HPAGE_SHIFT, hi = lo + HPAGE_SIZE;
+		lo = lo > gpa ? lo : gpa;
+		hi = hi < gpa + len ? hi : gpa + len;
+		if (uffd_arm_range(gm, lo, hi - lo))
+			region_flags_set(gm, r, 0, REGION_ARMED);   /* arm it whole next time */
+	}
+}
+
+static uint64_t side_offset(uint64_t gfn)
+{
+	return gfn << MM_PAGE_SHIFT;   /* region r at r * 2 MiB, page at its colour */
 }
 
 struct hpage *pool_hpage(struct mm_pool *p, uint32_t idx)
@@ -153,14 +240,30 @@ static void block_set(struct hpage *h, unsigned p, unsigned n, bool on)
 	}
 }
 
+static bool stale_test(const struct hpage *h, unsigned piece)
+{
+	return h->stale && (h->stale[piece / 64] >> (piece % 64) & 1);
+}
+
+static bool block_stale(const struct hpage *h, unsigned p, unsigned n)
+{
+	for (unsigned i = p; h->stale && i < p + n; i++)
+		if (stale_test(h, i))
+			return true;
+	return false;
+}
+
 static int hpage_find_block(const struct hpage *h, unsigned order)
 {
 	unsigned n = 1u << order;
 	if (h->nr_used + h->nr_bad + n > MM_REGION_PAGES)
 		return -1;
-	for (unsigned p = 0; p < MM_REGION_PAGES; p += n)
-		if (block_free(h, p, n))
-			return (int)p;
+	/* Pieces still mapped at their home GPA last: reusing one costs a
+	 * placeholder mapping there. */
+	for (int pass = 0; pass < 2; pass++)
+		for (unsigned p = 0; p < MM_REGION_PAGES; p += n)
+			if (block_free(h, p, n) && (pass || !block_stale(h, p, n)))
+				return (int)p;
 	return -1;
 }
 
@@ -198,9 +301,75 @@ static int hpage_new(struct guest_mem *gm, uint32_t *out)
 	return 0;
 }
 
+/* ---- stale pieces (memfd): free, punched, still mapped at their home GPA */
+
+static void stale_mark(struct guest_mem *gm, struct hpage *h, unsigned piece, unsigned n)
+{
+	if (!h->stale && !(h->stale = calloc(MM_REGION_PAGES / 64, sizeof(uint64_t))))
+		return;   /* the caller then unmaps instead */
+	for (unsigned i = piece; i < piece + n; i++)
+		h->stale[i / 64] |= 1ULL << (i % 64);
+}
+
+static void stale_clear(struct hpage *h, unsigned piece, unsigned n)
+{
+	if (!h->stale)
+		return;
+	for (unsigned i = piece; i < piece + n; i++)
+		h->stale[i / 64] &= ~(1ULL << (i % 64));
+}
+
+/* Point the home GPAs of h's stale pieces in [piece, piece+n) elsewhere (a
+ * placeholder): the pieces are about to hold something else. */
+static int stale_unmap(struct guest_mem *gm, struct hpage *h, unsigned piece, unsigned n)
+{
+	for (unsigned i = piece; i < piece + n;) {
+		if (!stale_test(h, i)) {
+			i++;
+			continue;
+		}
+		unsigned j = i;
+		while (j < piece + n && stale_test(h, j))
+			j++;
+		int rc = placeholder_init(gm, (((uint64_t)h->region << REGION_SHIFT) + i) << MM_PAGE_SHIFT,
+					  (uint64_t)(j - i) << MM_PAGE_SHIFT);
+		if (rc)
+			return rc;
+		stale_clear(h, i, j - i);
+		i = j;
+	}
+	return 0;
+}
+
+/* [gpa, gpa+len) was just mapped to something else: its home hugepage's
+ * pieces are no longer mapped there. */
+static void stale_forget(struct guest_mem *gm, uint64_t gpa, uint64_t len)
+{
+	if (gm->pool.kind != MM_BACKING_MEMFD)
+		return;
+	for (uint64_t g = gpa >> MM_PAGE_SHIFT; g < (gpa + len) >> MM_PAGE_SHIFT;) {
+		uint64_t r = g >> REGION_SHIFT, e = (r + 1) << REGION_SHIFT;
+		if (e > (gpa + len) >> MM_PAGE_SHIFT)
+			e = (gpa + len) >> MM_PAGE_SHIFT;
+		struct hpage *h = pool_region_home(gm, r, NULL);
+		if (h && h->stale && h->region == r)
+			stale_clear(h, (unsigned)(g & (MM_REGION_PAGES - 1)), (unsigned)(e - g));
+		g = e;
+	}
+}
+
 static void hpage_release(struct guest_mem *gm, uint32_t idx, struct hpage *h)
 {
 	struct mm_pool *p = &gm->pool;
+	if (h->stale) {
+		/* Its file range will be reused: no GPA may map it any more. */
+		if (stale_unmap(gm, h, 0, MM_REGION_PAGES)) {
+			mm_log(gm, "pool hugepage %u kept out of reuse: cannot unmap its old mapping", idx);
+			return;
+		}
+		free(h->stale);
+		h->stale = NULL;
+	}
 	if (p->kind == MM_BACKING_HUGETLB)
 		fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 			  (off_t)pool_offset(idx, 0), (off_t)HPAGE_SIZE);
@@ -269,6 +438,13 @@ int pool_place(struct guest_mem *gm, struct folio *f, uint32_t want, uint32_t av
 	struct hpage *h = NULL;
 
 	*new_region_map = false;
+	p->reuse = NULL;
+	if (region_flags(gm, region) & REGION_DEMOTED) {
+		/* Demoted hugetlb region: its page in the side file, at its colour. */
+		f->hpage = SIDE_HPAGE;
+		f->piece = (uint16_t)colour;
+		return 0;
+	}
 	if (!pool_is_fd(p)) {
 		/* Anonymous memory: the hugepage is the guest region itself. */
 		idx = (uint32_t)region;
@@ -380,6 +556,19 @@ int pool_place(struct guest_mem *gm, struct folio *f, uint32_t want, uint32_t av
 	h = pool_hpage(p, idx);
 	piece = 0;
 found:
+	if (h->stale) {
+		/* A stale piece taken by anything but its own page at its home GPA:
+		 * that GPA must stop mapping it first. */
+		bool own = h->region == region && (unsigned)piece == colour, all = own;
+		for (unsigned i = 0; all && i < n; i++)
+			all = stale_test(h, (unsigned)piece + i);
+		if (!own && (rc = stale_unmap(gm, h, (unsigned)piece, n)))
+			return rc;
+		/* Its own home GPA still maps these pieces: map_folio need not. */
+		stale_clear(h, (unsigned)piece, n);
+		if (all)
+			p->reuse = f;
+	}
 	block_set(h, (unsigned)piece, n, true);
 	if (h->nr_used == 0)
 		p->in_use++;
@@ -393,6 +582,12 @@ found:
 void pool_unplace(struct guest_mem *gm, struct folio *f, bool punch)
 {
 	struct mm_pool *p = &gm->pool;
+	if (f->hpage == SIDE_HPAGE) {
+		if (punch)
+			fallocate(p->side_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+				  (off_t)side_offset(f->gfn), (off_t)folio_nr_pages(f) << MM_PAGE_SHIFT);
+		return;
+	}
 	struct hpage *h = pool_hpage(p, f->hpage);
 	if (!h)
 		return;
@@ -450,6 +645,8 @@ int placeholder_init(struct guest_mem *gm, uint64_t gpa, uint64_t size)
 	if (mmap(at, size, PROT_READ | PROT_WRITE,
 		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED)
 		return -errno;
+	if (gm->pool.home.p)
+		stale_forget(gm, gpa, size);
 	if (gm->backing == MM_BACKING_THP)
 		madvise(at, size, MADV_HUGEPAGE);
 	if (gm->uffd >= 0)
@@ -461,30 +658,47 @@ int map_folio(struct guest_mem *gm, struct folio *f, bool new_region_map)
 {
 	struct mm_pool *p = &gm->pool;
 	uint64_t gpa = f->gfn << MM_PAGE_SHIFT, len = folio_nr_pages(f) << MM_PAGE_SHIFT;
+	bool armed = region_flags(gm, f->gfn >> REGION_SHIFT) & REGION_ARMED;
 	int rc = 0;
+	if (f->hpage == SIDE_HPAGE)
+		goto done;   /* demoted: the side file is mapped whole; holes fault in */
 	switch (p->kind) {
 	case MM_BACKING_HUGETLB:
 		if (new_region_map) {
 			uint64_t rgpa = gpa & ~(HPAGE_SIZE - 1);
 			if (mmap(gm->base + rgpa, HPAGE_SIZE, PROT_READ | PROT_WRITE,
-				 MAP_SHARED | MAP_FIXED, p->fd, (off_t)pool_offset(f->hpage, 0)) == MAP_FAILED)
+				 MAP_SHARED | MAP_FIXED, p->fd, (off_t)pool_offset(f->hpage, 0)) == MAP_FAILED) {
 				rc = -errno;
-			else
+			} else {
 				pool_hpage(p, f->hpage)->mapped = 1;
+				region_rearm(gm, rgpa, HPAGE_SIZE);
+			}
 		}
 		break;
-	case MM_BACKING_MEMFD:
-		if (mmap(gm->base + gpa, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, p->fd,
-			 (off_t)pool_offset(f->hpage, f->piece)) == MAP_FAILED)
-			rc = -errno;
+	case MM_BACKING_MEMFD: {
+		/* A released page taken back at its home piece: the file range
+		 * is still mapped there (a hole, caught by userfaultfd). */
+		bool reuse = p->reuse == f;
+		p->reuse = NULL;
+		if (!reuse) {
+			if (mmap(gm->base + gpa, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, p->fd,
+				 (off_t)pool_offset(f->hpage, f->piece)) == MAP_FAILED)
+				rc = -errno;
+			else
+				region_rearm(gm, gpa, len);
+		}
 		break;
+	}
 	default:
 		/* Anonymous: stop intercepting; the kernel allocates on touch
-		 * (a THP when the whole 2 MiB VMA range is ours). */
-		if (gm->uffd >= 0)
+		 * (a THP when the whole 2 MiB VMA range is ours). An armed region
+		 * stays registered (unregistering a piece splits its VMA): its
+		 * holes are filled by resolve_folio_fault. */
+		if (gm->uffd >= 0 && !armed)
 			rc = uffd_unregister_range(gm, gpa, len);
 		break;
 	}
+done:
 	if (!rc)
 		atomic_fetch_or(&f->flags, FOLIO_MAPPED | FOLIO_UPTODATE);
 	return rc;
@@ -512,10 +726,182 @@ int unmap_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
 		}
 	}
 	if (gm->pool.fd < 0) {
+		if (gm->uffd < 0) {
+			madvise(gm->base + gpa, len, MADV_DONTNEED);
+			return 0;
+		}
+		/* Register whole regions, before dropping the pages (a touch in
+		 * between must fault into mm/): per-page registrations would
+		 * split the VMA into one per page. */
+		int rc = 0;
+		for (uint64_t r = gfn >> REGION_SHIFT; r <= (gfn + nr - 1) >> REGION_SHIFT && !rc; r++)
+			rc = region_arm(gm, r);
+		if (rc)
+			rc = uffd_register_range(gm, gpa, len);
 		madvise(gm->base + gpa, len, MADV_DONTNEED);
-		return gm->uffd >= 0 ? uffd_register_range(gm, gpa, len) : 0;
+		return rc;
 	}
 	return placeholder_init(gm, gpa, len);
+}
+
+/* Release of a memfd folio: keep its file mapping when it sits at its home
+ * piece (a hole the armed region's userfaultfd catches; no new VMA) and mark
+ * the pieces stale, else unmap it. Then free the pieces. */
+void pool_unplace_release(struct guest_mem *gm, struct folio *f)
+{
+	struct mm_pool *p = &gm->pool;
+	struct hpage *h = pool_hpage(p, f->hpage);
+	bool keep = false;
+	if (p->kind == MM_BACKING_MEMFD && h && pool_home_coloured(gm, f) &&
+	    region_arm(gm, f->gfn >> REGION_SHIFT) == 0) {
+		stale_mark(gm, h, f->piece, (unsigned)folio_nr_pages(f));
+		keep = h->stale != NULL;
+	}
+	if (!keep && f->hpage != SIDE_HPAGE)
+		unmap_range(gm, f->gfn, folio_nr_pages(f));
+	pool_unplace(gm, f, true);
+}
+
+/* ---- userfaultfd faults on backed pages, copies that avoid them */
+void resolve_folio_fault(struct guest_mem *gm, struct folio *f, uint64_t gfn)
+{
+	struct mm_pool *p = &gm->pool;
+	uint64_t len = folio_nr_pages(f) << MM_PAGE_SHIFT;
+	int rc = 0;
+	bool armed = region_flags(gm, f->gfn >> REGION_SHIFT) & REGION_ARMED;
+	if (f->hpage == SIDE_HPAGE) {
+		rc = fallocate(p->side_fd, 0, (off_t)side_offset(f->gfn), (off_t)len) < 0 ? -errno : 0;
+	} else if (p->kind == MM_BACKING_MEMFD && armed) {
+		/* A hole of the folio's own file range (kept mapping). */
+		rc = fallocate(p->fd, 0, (off_t)pool_offset(f->hpage, f->piece), (off_t)len) < 0 ? -errno : 0;
+	} else if (p->kind == MM_BACKING_MEMFD) {
+		/* Not armed: its GPA should map the file already; map it again
+		 * rather than let the toucher fault for ever. */
+		if (mmap(gm->base + (f->gfn << MM_PAGE_SHIFT), len, PROT_READ | PROT_WRITE,
+			 MAP_SHARED | MAP_FIXED, p->fd, (off_t)pool_offset(f->hpage, f->piece)) == MAP_FAILED)
+			rc = -errno;
+	} else if (p->fd < 0) {
+		rc = uffd_zeropage(gm, gfn << MM_PAGE_SHIFT, MM_PAGE_SIZE);
+		if (rc == -ENOENT)
+			rc = 0;   /* not registered (any more): the kernel fills it */
+	}
+	if (rc) {
+		mm_log(gm, "guest RAM: cannot back GPA 0x%llx: %s",
+		       (unsigned long long)(gfn << MM_PAGE_SHIFT), strerror(-rc));
+		uffd_poison(gm, gfn << MM_PAGE_SHIFT, MM_PAGE_SIZE);   /* SIGBUS beats a hang */
+	}
+}
+
+int folio_copy_out(struct guest_mem *gm, uint32_t hpage, unsigned piece, uint64_t gpa,
+		   uint64_t len, void *dst)
+{
+	struct mm_pool *p = &gm->pool;
+	if (p->fd >= 0) {
+		/* From the file: holes read as zero without faulting or allocating. */
+		int fd = hpage == SIDE_HPAGE ? p->side_fd : p->fd;
+		uint64_t off = hpage == SIDE_HPAGE ? side_offset(gpa >> MM_PAGE_SHIFT) : pool_offset(hpage, piece);
+		for (uint64_t done = 0; done < len;) {
+			ssize_t n = pread(fd, (uint8_t *)dst + done, len - done, (off_t)(off + done));
+			if (n <= 0)
+				return n < 0 ? -errno : -EIO;
+			done += (uint64_t)n;
+		}
+		return 0;
+	}
+	uint8_t *at = gm->base + gpa;
+	if (!(region_flags(gm, gpa >> HPAGE_SHIFT) & REGION_ARMED)) {
+		memcpy(dst, at, len);   /* unregistered: a hole reads as the zero page */
+		return 0;
+	}
+	/* Armed anonymous memory: a hole would fault into userfaultfd. Copy
+	 * the present (or swapped) pages; holes stay holes (zero). */
+	int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (pm < 0)
+		return -errno;
+	uint64_t ents[64];
+	int rc = 0;
+	for (uint64_t o = 0; o < len && !rc; o += 64 * MM_PAGE_SIZE) {
+		uint64_t k = (len - o) >> MM_PAGE_SHIFT;
+		if (k > 64)
+			k = 64;
+		off_t at_off = (off_t)(((uintptr_t)(at + o) >> MM_PAGE_SHIFT) * 8);
+		if (pread(pm, ents, k * 8, at_off) != (ssize_t)(k * 8)) {
+			rc = -EIO;
+			break;
+		}
+		for (uint64_t i = 0; i < k; i++) {
+			uint8_t *d = (uint8_t *)dst + o + (i << MM_PAGE_SHIFT);
+			if (ents[i] >> 62)   /* present (63) or swapped (62) */
+				memcpy(d, at + o + (i << MM_PAGE_SHIFT), MM_PAGE_SIZE);
+		}
+	}
+	close(pm);
+	return rc;
+}
+
+/* ---- hugetlb demotion: the data has been copied to / from the side file
+ * and the region remapped by mm/migrate.c; here the bookkeeping. */
+int pool_hpage_new(struct guest_mem *gm, uint32_t *idx)
+{
+	return hpage_new(gm, idx);
+}
+
+void pool_hpage_drop(struct guest_mem *gm, uint32_t idx)
+{
+	struct hpage *h = pool_hpage(&gm->pool, idx);
+	if (h && h->live && !h->nr_used)
+		hpage_release(gm, idx, h);
+}
+
+void pool_demote_region(struct guest_mem *gm, uint64_t region)
+{
+	uint64_t g0 = region << REGION_SHIFT;
+	for (uint64_t g = g0; g < g0 + MM_REGION_PAGES;) {
+		struct folio *f = memdesc_folio(mdt_get(&gm->md, g));
+		if (!f) {
+			g++;
+			continue;
+		}
+		pool_unplace(gm, f, false);   /* the last one punches the hugepage */
+		f->hpage = SIDE_HPAGE;
+		f->piece = (uint16_t)(f->gfn & (MM_REGION_PAGES - 1));
+		g = f->gfn + folio_nr_pages(f);
+	}
+	region_flags_set(gm, region, REGION_DEMOTED, 0);
+	gm->pool.demoted++;
+}
+
+int pool_promote_region(struct guest_mem *gm, uint64_t region, uint32_t idx)
+{
+	struct mm_pool *p = &gm->pool;
+	struct hpage *h = pool_hpage(p, idx);
+	uint64_t g0 = region << REGION_SHIFT;
+	if (!h || !h->live || h->nr_used)
+		return -EINVAL;
+	h->region = (uint32_t)region;
+	home_set(p, region, idx + 1);
+	h->mapped = 1;
+	for (uint64_t g = g0; g < g0 + MM_REGION_PAGES;) {
+		struct folio *f = memdesc_folio(mdt_get(&gm->md, g));
+		if (!f) {
+			g++;
+			continue;
+		}
+		unsigned n = (unsigned)folio_nr_pages(f);
+		f->hpage = idx;
+		f->piece = (uint16_t)(f->gfn & (MM_REGION_PAGES - 1));
+		block_set(h, f->piece, n, true);
+		if (h->nr_used == 0)
+			p->in_use++;
+		h->nr_used = (uint16_t)(h->nr_used + n);
+		pool_update_owner(gm, f);
+		g = f->gfn + n;
+	}
+	fallocate(p->side_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(region << HPAGE_SHIFT),
+		  (off_t)HPAGE_SIZE);
+	region_flags_set(gm, region, 0, REGION_DEMOTED);
+	p->demoted--;
+	return 0;
 }
 
 /* ---- inspection */

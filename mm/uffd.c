@@ -51,14 +51,30 @@ static int uffd_open(void)
 
 int uffd_register_range(struct guest_mem *gm, uint64_t gpa, uint64_t size)
 {
+	/* WP too when the host has it: a migration then only write-protects
+	 * (registering would split the VMA inside the stall window), and a
+	 * later registration cannot drop MISSING by asking for WP alone. */
 	struct uffdio_register reg = {
 		.range = { (uint64_t)(uintptr_t)(gm->base + gpa), size },
-		.mode = UFFDIO_REGISTER_MODE_MISSING,
+		.mode = UFFDIO_REGISTER_MODE_MISSING | (gm->have_wp ? UFFDIO_REGISTER_MODE_WP : 0),
 	};
 	if (ioctl(gm->uffd, UFFDIO_REGISTER, &reg) < 0)
 		return -errno;
 	if (reg.ioctls & (1ULL << _UFFDIO_POISON))
 		gm->have_poison = true;
+	return 0;
+}
+
+int uffd_arm_range(struct guest_mem *gm, uint64_t gpa, uint64_t size)
+{
+	return gm->uffd < 0 ? -EOPNOTSUPP : uffd_register_range(gm, gpa, size);
+}
+
+int uffd_zeropage(struct guest_mem *gm, uint64_t gpa, uint64_t size)
+{
+	struct uffdio_zeropage z = { .range = { (uint64_t)(uintptr_t)(gm->base + gpa), size } };
+	if (ioctl(gm->uffd, UFFDIO_ZEROPAGE, &z) < 0 && errno != EEXIST)
+		return -errno;
 	return 0;
 }
 
@@ -103,27 +119,24 @@ int uffd_poison(struct guest_mem *gm, uint64_t gpa, uint64_t size)
 	return 0;
 }
 
-/* Write-protect for a folio migration (mm/migrate.c): the range is a
- * populated folio, no longer registered for MISSING, so it is registered
- * for WP alone; the remap that ends the migration drops the registration
- * with the old VMA. */
+/* Write-protect for a folio migration (mm/migrate.c). The caller has
+ * registered the range (region_arm: MISSING + WP); the remap that ends the
+ * migration replaces the protected VMA. */
 int uffd_wp_range(struct guest_mem *gm, uint64_t gpa, uint64_t size)
 {
 	if (!gm->have_wp)
 		return -EOPNOTSUPP;
-	struct uffdio_register reg = {
-		.range = { (uint64_t)(uintptr_t)(gm->base + gpa), size },
-		.mode = UFFDIO_REGISTER_MODE_WP,
-	};
-	if (ioctl(gm->uffd, UFFDIO_REGISTER, &reg) < 0)
-		return -errno;
-	struct uffdio_writeprotect wp = { .range = reg.range, .mode = UFFDIO_WRITEPROTECT_MODE_WP };
-	if (ioctl(gm->uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
-		int e = errno;
-		ioctl(gm->uffd, UFFDIO_UNREGISTER, &reg.range);
-		return -e;
-	}
-	return 0;
+	struct uffdio_writeprotect wp = { .range = { (uint64_t)(uintptr_t)(gm->base + gpa), size },
+					  .mode = UFFDIO_WRITEPROTECT_MODE_WP };
+	return ioctl(gm->uffd, UFFDIO_WRITEPROTECT, &wp) < 0 ? -errno : 0;
+}
+
+/* Lift the protection (a failed migration keeps the old location) and wake. */
+int uffd_unprotect_range(struct guest_mem *gm, uint64_t gpa, uint64_t size)
+{
+	struct uffdio_writeprotect wp = { .range = { (uint64_t)(uintptr_t)(gm->base + gpa), size },
+					  .mode = 0 };
+	return ioctl(gm->uffd, UFFDIO_WRITEPROTECT, &wp) < 0 ? -errno : 0;
 }
 
 void uffd_wake_range(struct guest_mem *gm, uint64_t gpa, uint64_t size)
@@ -170,6 +183,8 @@ static void handle_fault(struct guest_mem *gm, uint64_t addr)
 		break;   /* populated meanwhile (another vCPU, mm_write) */
 	}
 	struct folio *f = memdesc_folio(mdt_get(&gm->md, gfn));
+	if (f)   /* a hole of an armed mapping (released page, new folio) */
+		resolve_folio_fault(gm, f, gfn);
 	if (f) {
 		wake_gfn = f->gfn;
 		wake_nr = folio_nr_pages(f);

@@ -19,6 +19,7 @@
 #define AUTO_PERIOD_MS   1000
 #define AUTO_BUDGET      (32ULL << 20)   /* bytes copied per period: the rate limit */
 #define AUTO_MIN_SPARE   2               /* hugepages beyond the needed ones before it acts */
+#define AUTO_COLLAPSE_EVERY 5            /* collapse scan every 5th period */
 
 struct pause_ctx {
 	struct vm *vm;
@@ -48,15 +49,16 @@ json_t *compact_fragmentation_json(struct guest_mem *gm)
 	uint64_t needed = (st.populated_bytes + (2ULL << 20) - 1) >> 21;
 	int64_t host = mm_host_bytes(gm);
 	/* Share of in-use hugepages that a perfect packing would not need. */
-	double frag = st.hugepages_in_use ? 100.0 * (double)(st.hugepages_in_use - needed) /
-					    (double)st.hugepages_in_use : 0.0;
+	double frag = st.hugepages_in_use > needed ? 100.0 * (double)(st.hugepages_in_use - needed) /
+						     (double)st.hugepages_in_use : 0.0;
 	if (frag < 0)
 		frag = 0;
-	return json_pack("{s:I,s:I,s:f,s:I}",
+	return json_pack("{s:I,s:I,s:f,s:I,s:I}",
 			 "hugepages-in-use", (json_int_t)st.hugepages_in_use,
 			 "hugepages-needed", (json_int_t)needed,
 			 "percent", frag,
-			 "host-bytes", (json_int_t)host);
+			 "host-bytes", (json_int_t)host,
+			 "regions-demoted", (json_int_t)mm_regions_demoted(gm));
 }
 
 static json_t *result_json(const struct mm_compact_req *req, const struct mm_compact_result *r,
@@ -86,6 +88,8 @@ static json_t *result_json(const struct mm_compact_req *req, const struct mm_com
 			      "busy", (json_int_t)m->refused_busy,
 			      "fragmentation-before", before,
 			      "fragmentation-after", after);
+	json_object_set_new(o, "regions-demoted", json_integer((json_int_t)r->regions_demoted));
+	json_object_set_new(o, "regions-promoted", json_integer((json_int_t)r->regions_promoted));
 	if (r->note)
 		json_object_set_new(o, "note", json_string(r->note));
 	return o;
@@ -291,8 +295,22 @@ static struct vm *auto_vm;
 
 static void auto_tick(void *opaque)
 {
+	static unsigned ticks;
 	struct vm *vm = opaque;
-	if (vm_get_state(vm) == VM_STATE_RUNNING || vm_get_state(vm) == VM_STATE_PAUSED) {
+	if ((vm_get_state(vm) == VM_STATE_RUNNING || vm_get_state(vm) == VM_STATE_PAUSED) &&
+	    ++ticks % AUTO_COLLAPSE_EVERY == 0) {
+		/* Collapse 2 MiB regions the guest filled again with small
+		 * folios (never fills holes: that would undo reclaim). */
+		struct mm_compact_req cr = { .mode = MM_COMPACT_COLLAPSE, .method = MM_MIGRATE_AUTO,
+					     .budget_bytes = AUTO_BUDGET,
+					     .collapse_min_pages = MM_REGION_PAGES };
+		struct mm_compact_result res;
+		if (run_compact(vm, &cr, &res, NULL, NULL) == 0 && res.regions_collapsed)
+			qmp_emit_event("COMPACTION", json_pack("{s:s,s:I,s:I,s:I}", "mode", "collapse",
+				"regions-collapsed", (json_int_t)res.regions_collapsed,
+				"regions-promoted", (json_int_t)res.regions_promoted,
+				"folios-moved", (json_int_t)res.mig.folios_moved));
+	} else if (vm_get_state(vm) == VM_STATE_RUNNING || vm_get_state(vm) == VM_STATE_PAUSED) {
 		struct mm_stats st;
 		mm_query_stats(vm_mem(vm), &st);
 		uint64_t needed = (st.populated_bytes + (2ULL << 20) - 1) >> 21;
@@ -301,7 +319,8 @@ static void auto_tick(void *opaque)
 						     .budget_bytes = AUTO_BUDGET };
 			struct mm_compact_result res;
 			if (run_compact(vm, &cr, &res, NULL, NULL) == 0 && res.mig.folios_moved)
-				qmp_emit_event("COMPACTION", json_pack("{s:I,s:I,s:I}",
+				qmp_emit_event("COMPACTION", json_pack("{s:s,s:I,s:I,s:I,s:I}", "mode", "reclaim",
+					"regions-demoted", (json_int_t)res.regions_demoted,
 					"folios-moved", (json_int_t)res.mig.folios_moved,
 					"hugepages-freed", (json_int_t)res.hugepages_freed,
 					"bytes-returned", (json_int_t)res.bytes_returned));

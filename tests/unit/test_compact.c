@@ -363,6 +363,185 @@ START_TEST(test_hugetlb_moves)
 }
 END_TEST
 
+static long nr_maps(void)
+{
+	FILE *f = fopen("/proc/self/maps", "r");
+	long n = 0;
+	int ch;
+	while ((ch = fgetc(f)) != EOF)
+		n += ch == '\n';
+	fclose(f);
+	return n;
+}
+
+static long max_maps(void)
+{
+	FILE *f = fopen("/proc/sys/vm/max_map_count", "r");
+	long v = 65530;
+	if (f && fscanf(f, "%ld", &v) != 1)
+		v = 65530;
+	if (f)
+		fclose(f);
+	return v;
+}
+
+/* Every other page of 256 MiB released (32768 scattered pages: one VMA each,
+ * and one for each freed page between them, used to be 65536 mappings, the
+ * default vm.max_map_count): the mappings stay few, a released page reads
+ * zero and comes back on touch, the rest keeps its data, and compaction
+ * stays inside its mapping budget. */
+static const enum mm_backing rel_backings[] = { MM_BACKING_MEMFD, MM_BACKING_ANON, MM_BACKING_THP };
+START_TEST(test_scattered_release_mappings)
+{
+	enum mm_backing b = rel_backings[_i];
+	const uint64_t ram = 256 * MiB, n = ram / PG;
+	struct guest_mem *gm = mkc(ram, b);
+	uint8_t *base = mm_guest_base(gm);
+	for (uint64_t g = 0; g < n; g++)
+		*(uint64_t *)(base + g * PG) = pat(g);
+	long m0 = nr_maps();
+	for (uint64_t g = 0; g < n; g += 2)
+		ck_assert_int_eq(mm_release_range(gm, g, 1, MEMDESC_BALLOONED), 0);
+	long m1 = nr_maps();
+	ck_assert_msg(m1 < m0 + 1000, "%s: %ld mappings before, %ld after the release",
+		      mm_backing_name(b), m0, m1);
+	for (uint64_t g = 0; g < n; g++)
+		ck_assert_uint_eq(*(uint64_t *)(base + g * PG), g & 1 ? pat(g) : 0);
+	/* Touching released pages gives them back memory (deflate), in place. */
+	for (uint64_t g = 0; g < n; g += 128) {
+		*(uint64_t *)(base + g * PG) = pat(g);
+		ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g)), MEMDESC_FOLIO);
+	}
+	ck_assert_int_lt(nr_maps(), m0 + 1000);
+	struct mm_compact_req req = { .mode = MM_COMPACT_RECLAIM, .method = MM_MIGRATE_AUTO };
+	struct mm_compact_result res;
+	ck_assert_int_eq(mm_compact(gm, &req, NULL, &res), 0);
+	ck_assert_int_lt(nr_maps(), max_maps() / 2 + m1);
+	for (uint64_t g = 1; g < n; g += 2)
+		ck_assert_uint_eq(*(uint64_t *)(base + g * PG), pat(g));
+	mm_destroy(gm);
+}
+END_TEST
+
+/* hugetlb demotion: a half-free region's live pages go to the 4 KiB side
+ * file while a writer writes them, the hugetlb page goes back; touching a
+ * freed page then costs 4 KiB; collapse promotes the region back onto a
+ * hugetlb page. No write is lost either way. Needs free hugepages. */
+static void demote_under_writes(enum mm_migrate_method m)
+{
+	struct mm_config cfg = { .ram_size = 16 * MiB, .backing = MM_BACKING_HUGETLB, .quiet = true };
+	char err[256];
+	struct guest_mem *gm = mm_create(&cfg, NULL, NULL, err, sizeof(err));
+	if (!gm)
+		return;   /* no free hugepages here */
+	uint8_t *base = mm_guest_base(gm);
+	const uint64_t r = 2, g0 = r * 512;   /* region 4..6 MiB */
+	for (uint64_t g = g0; g < g0 + 512; g++)
+		*(uint64_t *)(base + g * PG) = pat(g);
+	/* The upper half goes (a balloon); the writer keeps the lower half. */
+	ck_assert_int_eq(mm_release_range(gm, g0 + 256, 256, MEMDESC_BALLOONED), 0);
+	int64_t hb0 = mm_host_bytes(gm);
+	struct writer w = { .base = base, .gpa = g0 * PG, .size = 1 * MiB };
+	struct mm_pause_ops po = { fake_pause, fake_resume, &w };
+	pthread_t t;
+	ck_assert_int_eq(pthread_create(&t, NULL, writer_main, &w), 0);
+	while (atomic_load(&w.rounds) < 2)
+		usleep(100);
+	struct mm_migrate_ctx c;
+	int rc = mm_migrate_begin(gm, &c, m, &po);
+	if (rc == -EOPNOTSUPP)
+		goto out;
+	ck_assert_int_eq(rc, 0);
+	ck_assert_int_eq(mm_demote_region(gm, &c, r), 0);
+	ck_assert_int_eq(mm_demote_region(gm, &c, r), -EINVAL);   /* already */
+	mm_migrate_end(gm, &c);
+	ck_assert_uint_eq(c.st.regions_demoted, 1);
+	ck_assert_uint_eq(mm_regions_demoted(gm), 1);
+	/* 2 MiB hugetlb page gone, 1 MiB of 4 KiB pages instead */
+	ck_assert_int_eq(hb0 - mm_host_bytes(gm), 1 * MiB);
+	uint64_t r0 = atomic_load(&w.rounds);
+	while (atomic_load(&w.rounds) < r0 + 2)
+		usleep(100);
+	/* A freed page of the demoted region: reads zero, touch costs 4 KiB. */
+	ck_assert_uint_eq(*(volatile uint64_t *)(base + (g0 + 300) * PG), 0);
+	*(uint64_t *)(base + (g0 + 300) * PG) = pat(g0 + 300);
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g0 + 300)), MEMDESC_FOLIO);
+	ck_assert_int_eq(hb0 - mm_host_bytes(gm), 1 * MiB - PG);
+	/* Released again (4 KiB granular now), and poison works per page. */
+	ck_assert_int_eq(mm_release_range(gm, g0 + 300, 1, MEMDESC_UNBACKED), 0);
+	ck_assert_int_eq(hb0 - mm_host_bytes(gm), 1 * MiB);
+	/* The guest takes the rest back; collapse promotes while it writes. */
+	for (uint64_t g = g0 + 256; g < g0 + 512; g++)
+		*(uint64_t *)(base + g * PG) = pat(g);
+	ck_assert_int_eq(mm_migrate_begin(gm, &c, m, &po), 0);
+	struct mm_compact_req req = { .mode = MM_COMPACT_COLLAPSE, .method = m, .gpa = g0 * PG,
+				      .size = 2 * MiB };
+	struct mm_compact_result res;
+	ck_assert_int_eq(mm_compact(gm, &req, &po, &res), 0);
+	ck_assert_uint_eq(res.regions_promoted, 1);
+	ck_assert_uint_eq(res.regions_collapsed, 1);
+	ck_assert_uint_eq(mm_regions_demoted(gm), 0);
+	ck_assert_uint_eq(folio_order(memdesc_folio(memdesc_lookup(gm, g0))), 9);
+	ck_assert_int_eq(mm_host_bytes(gm), hb0);   /* side pages punched */
+	r0 = atomic_load(&w.rounds);
+	while (atomic_load(&w.rounds) < r0 + 2)
+		usleep(100);
+out:
+	atomic_store(&w.stop, true);
+	pthread_join(t, NULL);
+	ck_assert_msg(atomic_load(&w.lost) == 0, "%s: %llu writes lost", mm_migrate_method_name(m),
+		      (unsigned long long)atomic_load(&w.lost));
+	uint64_t last = atomic_load(&w.rounds);
+	for (uint64_t g = g0; g < g0 + 256; g++) {
+		uint64_t v = *(uint64_t *)(base + g * PG);
+		ck_assert(v == last || v == last + 1);
+	}
+	for (uint64_t g = g0 + 256; rc == 0 && g < g0 + 512; g++)
+		ck_assert_uint_eq(*(uint64_t *)(base + g * PG), pat(g));
+	mm_destroy(gm);
+}
+
+START_TEST(test_demote_wp)
+{
+	demote_under_writes(MM_MIGRATE_WP);
+}
+END_TEST
+
+START_TEST(test_demote_pause)
+{
+	demote_under_writes(MM_MIGRATE_PAUSE);
+}
+END_TEST
+
+/* hugetlb reclaim: every other page of 8 MiB freed, compaction demotes the
+ * four regions and the host gets the freed memory back. */
+START_TEST(test_reclaim_hugetlb)
+{
+	struct mm_config cfg = { .ram_size = 16 * MiB, .backing = MM_BACKING_HUGETLB, .quiet = true };
+	char err[256];
+	struct guest_mem *gm = mm_create(&cfg, NULL, NULL, err, sizeof(err));
+	if (!gm)
+		return;
+	uint8_t *base = mm_guest_base(gm);
+	const uint64_t g0 = (8 * MiB) / PG, n = (8 * MiB) / PG;
+	for (uint64_t g = g0; g < g0 + n; g++)
+		*(uint64_t *)(base + g * PG) = pat(g);
+	for (uint64_t g = g0 + 1; g < g0 + n; g += 2)
+		ck_assert_int_eq(mm_release_range(gm, g, 1, MEMDESC_BALLOONED), 0);
+	struct mm_compact_req req = { .mode = MM_COMPACT_RECLAIM, .method = MM_MIGRATE_AUTO };
+	struct mm_compact_result res;
+	ck_assert_int_eq(mm_compact(gm, &req, NULL, &res), 0);
+	ck_assert_uint_eq(res.regions_demoted, 4);
+	ck_assert_uint_eq(res.hugepages_freed, 4);
+	ck_assert_uint_eq(res.bytes_returned, 4 * MiB);   /* 8 MiB hugetlb out, 4 MiB 4 KiB pages in */
+	for (uint64_t g = g0; g < g0 + n; g++)
+		ck_assert_uint_eq(*(uint64_t *)(base + g * PG), g & 1 ? 0 : pat(g));
+	ck_assert_int_eq(mm_compact(gm, &req, NULL, &res), 0);
+	ck_assert_uint_eq(res.regions_demoted, 0);
+	mm_destroy(gm);
+}
+END_TEST
+
 Suite *compact_suite(void)
 {
 	Suite *s = suite_create("compact");
@@ -375,6 +554,10 @@ Suite *compact_suite(void)
 	tcase_add_test(tc, test_migrate_refusals);
 	tcase_add_test(tc, test_reclaim_and_collapse_memfd);
 	tcase_add_test(tc, test_hugetlb_moves);
+	tcase_add_loop_test(tc, test_scattered_release_mappings, 0, 3);
+	tcase_add_test(tc, test_demote_wp);
+	tcase_add_test(tc, test_demote_pause);
+	tcase_add_test(tc, test_reclaim_hugetlb);
 	suite_add_tcase(s, tc);
 	return s;
 }
