@@ -110,6 +110,29 @@ static bool thp_available(void)
 	return ok;
 }
 
+static uint64_t ram_hpages(const struct guest_mem *gm)
+{
+	uint64_t n = 0;
+	for (size_t i = 0; i < gm->nranges; i++)
+		n += (gm->ranges[i].size + HPAGE_SIZE - 1) >> HPAGE_SHIFT;
+	return n;
+}
+
+/* Give back what hugetlb_possible raised nr_hugepages by. */
+static void hugetlb_unraise(struct guest_mem *gm)
+{
+	if (gm->hp_new <= gm->hp_old)
+		return;
+	long cur = read_long(HP_SYSFS "nr_hugepages");
+	long to = cur - (gm->hp_new - gm->hp_old);
+	if (to < gm->hp_old)
+		to = gm->hp_old;
+	if (cur >= 0 && write_long(HP_SYSFS "nr_hugepages", to) == 0 && !gm->cfg.quiet)
+		mm_log(gm, "backing: lowered nr_hugepages %ld -> %ld", cur,
+		       read_long(HP_SYSFS "nr_hugepages"));
+	gm->hp_new = gm->hp_old = 0;
+}
+
 /* Can the whole of guest RAM live in 2 MiB hugetlb pages? Raises
  * nr_hugepages if asked to and allowed. why: the reason either way. */
 static bool hugetlb_possible(struct guest_mem *gm, char *why, size_t whylen)
@@ -132,8 +155,8 @@ static bool hugetlb_possible(struct guest_mem *gm, char *why, size_t whylen)
 		return true;
 	}
 	if (!gm->cfg.reserve_hugepages) {
-		snprintf(why, whylen, "no hugepages reserved: need %ld x 2 MiB, %ld free; "
-			 "--reserve-hugepages raises nr_hugepages as root", need, avail);
+		snprintf(why, whylen, "hugetlb: only %ld of %ld hugepages could be reserved; "
+			 "--reserve-hugepages raises nr_hugepages as root", avail > 0 ? avail : 0, need);
 		return false;
 	}
 	if (geteuid() != 0) {
@@ -166,7 +189,8 @@ static int choose_backing(struct guest_mem *gm, char *err, size_t errlen)
 	switch (want) {
 	case MM_BACKING_HUGETLB:
 		if (!hugetlb_possible(gm, why, sizeof(why))) {
-			seterr(err, errlen, "hugetlb backing: %s", why);
+			seterr(err, errlen, "hugetlb backing: %s",
+			       why + (strncmp(why, "hugetlb: ", 9) ? 0 : 9));
 			return -1;
 		}
 		snprintf(gm->note, sizeof(gm->note), "%s", why);
@@ -662,7 +686,24 @@ struct guest_mem *mm_create(const struct mm_config *cfg, const struct mm_hv_ops 
 			prev = (gm->ranges[i].gpa + gm->ranges[i].size) >> MM_PAGE_SHIFT;
 	}
 	folio_cache_init(&gm->fc);
-	if (pool_init(gm, err, errlen) < 0)
+	int prc = pool_init(gm, err, errlen);
+	if (prc == -2) {
+		/* The hugepages went to someone else since choose_backing. */
+		long avail = hugepages_available();
+		pool_destroy(gm);
+		hugetlb_unraise(gm);
+		char why[120];
+		snprintf(why, sizeof(why), "hugetlb: only %ld of %llu hugepages could be reserved",
+			 avail > 0 ? avail : 0, (unsigned long long)ram_hpages(gm));
+		if (gm->cfg.backing != MM_BACKING_AUTO) {
+			seterr(err, errlen, "hugetlb backing: %s", why + strlen("hugetlb: "));
+			goto fail;
+		}
+		gm->backing = thp_available() ? MM_BACKING_THP : MM_BACKING_MEMFD;
+		snprintf(gm->note, sizeof(gm->note), "%s", why);
+		prc = pool_init(gm, err, errlen);
+	}
+	if (prc < 0)
 		goto fail;
 
 	char why[160] = "";
@@ -721,15 +762,7 @@ void mm_destroy(struct guest_mem *gm)
 	folio_cache_destroy(&gm->fc);
 	pool_destroy(gm);
 	free(gm->slots);
-	if (gm->hp_new > gm->hp_old) {
-		long cur = read_long(HP_SYSFS "nr_hugepages");
-		long to = cur - (gm->hp_new - gm->hp_old);
-		if (to < gm->hp_old)
-			to = gm->hp_old;
-		if (cur >= 0 && write_long(HP_SYSFS "nr_hugepages", to) == 0 && !gm->cfg.quiet)
-			mm_log(gm, "backing: lowered nr_hugepages %ld -> %ld", cur,
-			       read_long(HP_SYSFS "nr_hugepages"));
-	}
+	hugetlb_unraise(gm);
 	pthread_mutex_destroy(&gm->lock);
 	pthread_mutex_destroy(&gm->slot_lock);
 	free(gm);

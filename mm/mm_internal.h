@@ -64,6 +64,7 @@ struct hpage {
 	uint16_t nr_bad;    /* quarantined (memory failure): never reused */
 	uint8_t  live;      /* set up (fallocated / mapped); 0 = empty, reusable */
 	uint8_t  mapped;    /* hugetlb: mapped whole at its home region's GPA */
+	uint8_t  resv;      /* hugetlb, free: its file range holds a reservation */
 	uint32_t *owners;   /* folio id + 1 per piece, for occupants that are not
 			     * home-coloured; NULL while there are none */
 	uint64_t *stale;    /* memfd: free pieces still mapped at their home-colour
@@ -88,6 +89,8 @@ struct mm_pool {
 	int side_fd;                /* hugetlb: 4 KiB shmem file of demoted regions
 				     * (region r at offset r * 2 MiB); else -1 */
 	uint64_t demoted;           /* regions demoted now */
+	uint64_t resv_nr;           /* hugetlb: RAM regions, reserved at creation */
+	uint64_t resv_free;         /* hugetlb: free indices holding a reservation */
 	struct folio *reuse;        /* pool_place -> map_folio: its mapping is in place */
 };
 /* Per-region state (pool.rflags). */

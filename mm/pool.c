@@ -25,6 +25,19 @@ uint64_t pool_offset(uint32_t hpage, unsigned piece)
 	return ((uint64_t)hpage << HPAGE_SHIFT) + ((uint64_t)piece << MM_PAGE_SHIFT);
 }
 
+/* hugetlbfs reserves the pages of a shared mapping at mmap time and keeps
+ * the reservation with the file after munmap (until the range is punched or
+ * truncated); fallocate of a reserved range then cannot fail. */
+static int hugetlb_reserve(struct mm_pool *p, uint64_t first, uint64_t n)
+{
+	void *m = mmap(NULL, n << HPAGE_SHIFT, PROT_READ | PROT_WRITE, MAP_SHARED, p->fd,
+		       (off_t)(first << HPAGE_SHIFT));
+	if (m == MAP_FAILED)
+		return -1;
+	munmap(m, n << HPAGE_SHIFT);
+	return 0;
+}
+
 int pool_init(struct guest_mem *gm, char *err, size_t errlen)
 {
 	struct mm_pool *p = &gm->pool;
@@ -75,6 +88,20 @@ int pool_init(struct guest_mem *gm, char *err, size_t errlen)
 	if (!p->chunks) {
 		snprintf(err, errlen, "out of memory");
 		return -1;
+	}
+	if (p->kind == MM_BACKING_HUGETLB) {
+		/* Reserve a hugepage for every RAM region now, so first touch can
+		 * never find none (a SIGBUS mid-run); populates nothing. */
+		p->resv_nr = 0;
+		for (size_t i = 0; i < gm->nranges; i++)
+			p->resv_nr += (gm->ranges[i].size + HPAGE_SIZE - 1) >> HPAGE_SHIFT;
+		if (hugetlb_reserve(p, 0, p->resv_nr) < 0) {
+			snprintf(err, errlen, "reserving %llu hugepages: %s",
+				 (unsigned long long)p->resv_nr, strerror(errno));
+			p->resv_nr = 0;
+			return -2;
+		}
+		p->resv_free = p->resv_nr;
 	}
 	return 0;
 }
@@ -267,13 +294,43 @@ static int hpage_find_block(const struct hpage *h, unsigned order)
 	return -1;
 }
 
-/* Set up a fresh hugepage (reused or never used). */
-static int hpage_new(struct guest_mem *gm, uint32_t *out)
+/* hugetlb: take a free index holding a reservation (resv) or one without
+ * (!resv) off the free list, or the never-used end if it is of that kind
+ * (never-used indices below resv_nr are reserved). NO_HPAGE if none. */
+static uint32_t hpage_take_hugetlb(struct mm_pool *p, bool resv)
+{
+	for (uint32_t *pp = &p->free_head; *pp != NO_HPAGE; pp = &pool_hpage(p, *pp)->next) {
+		struct hpage *h = pool_hpage(p, *pp);
+		if (!h->resv == !resv) {
+			uint32_t idx = *pp;
+			*pp = h->next;
+			return idx;
+		}
+	}
+	if (p->next_new < p->capacity && (p->next_new < p->resv_nr) == resv && hpage_get(p, p->next_new)) {
+		pool_hpage(p, p->next_new)->resv = resv;
+		return p->next_new++;
+	}
+	return NO_HPAGE;
+}
+
+/* Set up a fresh hugepage (reused or never used). hugetlb: first touch
+ * (resv_ok) takes a reserved one first; promotion of a demoted region
+ * (which gave its reservation up) only an unreserved one. */
+static int hpage_new(struct guest_mem *gm, uint32_t *out, bool resv_ok)
 {
 	struct mm_pool *p = &gm->pool;
-	uint32_t idx;
+	uint32_t idx = NO_HPAGE;
 	struct hpage *h;
-	if (p->free_head != NO_HPAGE) {
+	if (p->kind == MM_BACKING_HUGETLB) {
+		if (resv_ok)
+			idx = hpage_take_hugetlb(p, true);
+		if (idx == NO_HPAGE)
+			idx = hpage_take_hugetlb(p, false);
+		if (idx == NO_HPAGE)
+			return p->free_head == NO_HPAGE && p->next_new >= p->capacity ? -ENOSPC : -ENOMEM;
+		h = pool_hpage(p, idx);
+	} else if (p->free_head != NO_HPAGE) {
 		idx = p->free_head;
 		h = pool_hpage(p, idx);
 		p->free_head = h->next;
@@ -292,6 +349,10 @@ static int hpage_new(struct guest_mem *gm, uint32_t *out)
 		h->next = p->free_head;
 		p->free_head = idx;
 		return e == ENOSPC ? -ENOMEM : -e;
+	}
+	if (h->resv) {
+		h->resv = 0;
+		p->resv_free--;
 	}
 	h->live = 1;
 	h->region = NO_REGION;
@@ -370,9 +431,18 @@ static void hpage_release(struct guest_mem *gm, uint32_t idx, struct hpage *h)
 		free(h->stale);
 		h->stale = NULL;
 	}
-	if (p->kind == MM_BACKING_HUGETLB)
+	if (p->kind == MM_BACKING_HUGETLB) {
 		fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 			  (off_t)pool_offset(idx, 0), (off_t)HPAGE_SIZE);
+		/* The punch dropped its reservation too. Re-reserve while the
+		 * guest's non-demoted regions could need it (a released region is
+		 * touched again); demotion gives it back to the host. */
+		if (p->live - 1 + p->resv_free < p->resv_nr - p->demoted &&
+		    hugetlb_reserve(p, idx, 1) == 0) {
+			h->resv = 1;
+			p->resv_free++;
+		}
+	}
 	if (h->region != NO_REGION && home_get(p, h->region) == idx + 1)
 		home_set(p, h->region, 0);
 	if (h->owners) {
@@ -472,6 +542,7 @@ int pool_place(struct guest_mem *gm, struct folio *f, uint32_t want, uint32_t av
 					struct hpage *x = hpage_get(p, p->next_new);
 					if (!x)
 						return -ENOMEM;
+					x->resv = p->kind == MM_BACKING_HUGETLB && p->next_new < p->resv_nr;
 					if (p->next_new != want) {
 						x->next = p->free_head;
 						p->free_head = p->next_new;
@@ -492,6 +563,10 @@ int pool_place(struct guest_mem *gm, struct folio *f, uint32_t want, uint32_t av
 				h->next = p->free_head;
 				p->free_head = want;
 				return -ENOMEM;
+			}
+			if (h->resv) {
+				h->resv = 0;
+				p->resv_free--;
 			}
 			h->live = 1;
 			h->region = NO_REGION;
@@ -521,7 +596,7 @@ int pool_place(struct guest_mem *gm, struct folio *f, uint32_t want, uint32_t av
 			return -EEXIST;   /* cannot happen: the region maps its home */
 	}
 	if (avoid == NO_HPAGE && !home) {
-		if ((rc = hpage_new(gm, &idx)))
+		if ((rc = hpage_new(gm, &idx, true)))
 			return rc;
 		h = pool_hpage(p, idx);
 		h->region = (uint32_t)region;
@@ -531,8 +606,9 @@ int pool_place(struct guest_mem *gm, struct folio *f, uint32_t want, uint32_t av
 		goto found;
 	}
 	if (p->kind == MM_BACKING_HUGETLB) {
-		/* A move of a whole region: a fresh hugepage. */
-		if ((rc = hpage_new(gm, &idx)))
+		/* A move of a whole region: a fresh hugepage (the old one's
+		 * reservation comes back when it is released). */
+		if ((rc = hpage_new(gm, &idx, true)))
 			return rc;
 		h = pool_hpage(p, idx);
 		piece = 0;
@@ -551,7 +627,7 @@ int pool_place(struct guest_mem *gm, struct folio *f, uint32_t want, uint32_t av
 			goto found;
 		}
 	}
-	if ((rc = hpage_new(gm, &idx)))
+	if ((rc = hpage_new(gm, &idx, true)))
 		return rc;
 	h = pool_hpage(p, idx);
 	piece = 0;
@@ -843,7 +919,7 @@ int folio_copy_out(struct guest_mem *gm, uint32_t hpage, unsigned piece, uint64_
  * and the region remapped by mm/migrate.c; here the bookkeeping. */
 int pool_hpage_new(struct guest_mem *gm, uint32_t *idx)
 {
-	return hpage_new(gm, idx);
+	return hpage_new(gm, idx, false);   /* promotion: see hpage_new */
 }
 
 void pool_hpage_drop(struct guest_mem *gm, uint32_t idx)
@@ -856,6 +932,9 @@ void pool_hpage_drop(struct guest_mem *gm, uint32_t idx)
 void pool_demote_region(struct guest_mem *gm, uint64_t region)
 {
 	uint64_t g0 = region << REGION_SHIFT;
+	/* Counted first: the punch of its hugepage then keeps no reservation. */
+	region_flags_set(gm, region, REGION_DEMOTED, 0);
+	gm->pool.demoted++;
 	for (uint64_t g = g0; g < g0 + MM_REGION_PAGES;) {
 		struct folio *f = memdesc_folio(mdt_get(&gm->md, g));
 		if (!f) {
@@ -867,8 +946,6 @@ void pool_demote_region(struct guest_mem *gm, uint64_t region)
 		f->piece = (uint16_t)(f->gfn & (MM_REGION_PAGES - 1));
 		g = f->gfn + folio_nr_pages(f);
 	}
-	region_flags_set(gm, region, REGION_DEMOTED, 0);
-	gm->pool.demoted++;
 }
 
 int pool_promote_region(struct guest_mem *gm, uint64_t region, uint32_t idx)
