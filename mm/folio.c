@@ -342,6 +342,18 @@ int folio_poison_locked(struct guest_mem *gm, uint64_t gfn)
 	struct folio *f = memdesc_folio(mdt_get(&gm->md, gfn));
 	if (!f)
 		return -EINVAL;
+	/* hugetlb maps 2 MiB at a time: to unmap one 4 KiB page the region
+	 * goes to 4 KiB pages of the side file first (the failed page is not
+	 * copied). If it cannot, the page stays mapped: poisoned for mm/, but
+	 * a guest access is not caught. */
+	if (gm->backing == MM_BACKING_HUGETLB && f->hpage != SIDE_HPAGE) {
+		int drc = demote_for_failure_locked(gm, gfn);
+		if (drc)
+			mm_log(gm, "memory failure at GPA 0x%llx: cannot demote its hugetlb region (%s); "
+			       "the page stays mapped", (unsigned long long)(gfn << MM_PAGE_SHIFT),
+			       strerror(drc < 0 ? -drc : EBUSY));
+		f = memdesc_folio(mdt_get(&gm->md, gfn));
+	}
 	int rc = folio_split_around(gm, f, gfn, gfn + 1);
 	if (rc)
 		return rc;

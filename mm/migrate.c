@@ -381,7 +381,10 @@ static void window_end(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t 
 		c->st.wp_ns_max = d;
 }
 
-static int demote_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t r, uint64_t *copied)
+/* skip: a frame whose data must not be read (memory failure), left a hole
+ * of the side file; UINT64_MAX for none. */
+static int demote_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t r, uint64_t skip,
+			 uint64_t *copied)
 {
 	uint64_t gpa = r << HPAGE_SHIFT, g0 = r << REGION_SHIFT;
 	uint32_t idx;
@@ -400,13 +403,15 @@ static int demote_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_
 	*copied = 0;
 	for (uint64_t g = g0; g < g0 + MM_REGION_PAGES && !rc;) {
 		struct folio *f = memdesc_folio(mdt_get(&gm->md, g));
-		if (!f) {
+		if (!f || g == skip) {
 			g++;
 			continue;
 		}
 		uint64_t e = f->gfn + folio_nr_pages(f);   /* extend over adjacent folios */
 		for (struct folio *n; e < g0 + MM_REGION_PAGES && (n = memdesc_folio(mdt_get(&gm->md, e)));)
 			e = n->gfn + folio_nr_pages(n);
+		if (skip > g && skip < e)
+			e = skip;
 		uint64_t off = g << MM_PAGE_SHIFT, len = (e - g) << MM_PAGE_SHIFT;
 		for (uint64_t done = 0; done < len && !rc;) {
 			ssize_t w = pwrite(gm->pool.side_fd, gm->base + off + done, len - done, (off_t)(off + done));
@@ -461,7 +466,7 @@ int mm_demote_region(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t re
 		return rc;
 	pthread_mutex_lock(&gm->lock);
 	if (!(rc = region_freeze(gm, region, false, &n))) {
-		rc = demote_locked(gm, c, region, &copied);
+		rc = demote_locked(gm, c, region, UINT64_MAX, &copied);
 		region_thaw(gm, region);
 		if (!rc) {
 			c->st.regions_demoted++;
@@ -474,6 +479,25 @@ int mm_demote_region(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t re
 	count_refusal(&c->st, rc);
 	if (c->paused && c->paused_bytes >= c->pause_budget_bytes)
 		pause_stop(c);
+	return rc;
+}
+
+int demote_for_failure_locked(struct guest_mem *gm, uint64_t gfn)
+{
+	struct mm_migrate_ctx c;
+	uint64_t r = gfn >> REGION_SHIFT, copied;
+	unsigned n;
+	int rc;
+	/* Write protection keeps the copy consistent with vCPUs running; mm/
+	 * has no way to stop them from here. */
+	if (gm->backing != MM_BACKING_HUGETLB || !mm_migrate_have_wp(gm))
+		return -EOPNOTSUPP;
+	memset(&c, 0, sizeof(c));
+	c.method = MM_MIGRATE_WP;
+	if (!(rc = region_freeze(gm, r, false, &n))) {
+		rc = demote_locked(gm, &c, r, gfn, &copied);
+		region_thaw(gm, r);
+	}
 	return rc;
 }
 

@@ -230,6 +230,10 @@ void resolve_folio_fault(struct guest_mem *gm, struct folio *f, uint64_t gfn);
 void pool_demote_region(struct guest_mem *gm, uint64_t region);
 int  pool_promote_region(struct guest_mem *gm, uint64_t region, uint32_t idx);
 int  pool_hpage_new(struct guest_mem *gm, uint32_t *idx);
+/* Memory failure of gfn in a hugetlb region mapped whole (migrate.c): demote
+ * the region under write protection without reading gfn, which stays a
+ * hole of the side file. 0 or -errno (-EOPNOTSUPP: no uffd write protect). */
+int  demote_for_failure_locked(struct guest_mem *gm, uint64_t gfn);
 void pool_hpage_drop(struct guest_mem *gm, uint32_t idx);   /* a fresh, unused one */
 
 /* uffd.c */
