@@ -161,6 +161,13 @@ static bool client_flush(struct client *c)
 	if (!out_pending(c)) {
 		c->out_off = c->out_len = 0;
 		if (c->closing) {
+			/* Discard what the client already sent: closing a UNIX socket
+			 * with unread input makes the peer's recv fail with ECONNRESET
+			 * instead of reading our error and then EOF. */
+			char sink[4096];
+			shutdown(c->fd, SHUT_WR);
+			for (int i = 0; i < 1024 && recv(c->fd, sink, sizeof(sink), MSG_DONTWAIT) > 0; i++)
+				;
 			client_close(c);
 			return false;
 		}
