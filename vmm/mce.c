@@ -785,13 +785,20 @@ int mce_inject_memory_error(struct mce *m, uint64_t gpa, uint64_t count, enum mc
 			return -1;
 		}
 	}
+	/* Action-optional: keep the vCPUs out of the guest while the page is
+	 * poisoned and the error queued, so the target vCPU takes the SRAO at
+	 * its next entry before any guest code can run into the page (which
+	 * would turn the report into an SRAR). */
+	bool paused = kind == MCE_AO && st == VM_STATE_RUNNING && vm_pause(m->vm) == 0;
+	int ret = 0;
 	for (uint64_t i = 0; i < count; i++) {
 		uint64_t g = gpa + i * MM_PAGE_SIZE;
 		int rc = poison_page(m, g >> MM_PAGE_SHIFT);
 		if (rc < 0) {
 			snprintf(err, errlen, "cannot poison GPA 0x%" PRIx64 ": %s%s", g, strerror(-rc),
 				 i ? " (the pages before it are poisoned)" : "");
-			return -1;
+			ret = -1;
+			break;
 		}
 		pr_info("memory error injected at GPA 0x%" PRIx64 " (%s): page poisoned", g,
 			kind == MCE_AR ? "action-required: raised when a vCPU touches it"
@@ -799,7 +806,9 @@ int mce_inject_memory_error(struct mce *m, uint64_t gpa, uint64_t count, enum mc
 		if (kind == MCE_AO && m->backend != MCE_OFF)
 			queue_ao(m, cpu, g);
 	}
-	return 0;
+	if (paused)
+		vm_resume(m->vm);
+	return ret;
 }
 
 int mce_raise_sigbus(struct mce *m, enum mce_kind kind, uint64_t hva, int cpu,
