@@ -1219,6 +1219,14 @@ static int apply_ram(struct guest_mem *gm, struct mig_in *in, uint64_t *pages,
 			if (any) {
 				int rc = mm_release_range(gm, rec.gfn, n, kind == RAM_BALLOONED ?
 							  MEMDESC_BALLOONED : MEMDESC_UNBACKED);
+				if (rc == -EOPNOTSUPP && kind == RAM_UNBACKED) {
+					/* The backing cannot give back part of this 2 MiB page
+					 * (hugetlb region holding boot data): zeros read the same. */
+					for (uint64_t i = 0; i < n; i++)
+						if (frame_backed(gm, rec.gfn + i))
+							memset(base + gpa + i * PAGE, 0, PAGE);
+					rc = 0;
+				}
 				if (rc < 0)
 					return snprintf(err, errlen, "cannot release 0x%llx+%llu pages: %s",
 							(unsigned long long)gpa, (unsigned long long)n,
