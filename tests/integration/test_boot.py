@@ -55,7 +55,7 @@ def test_cpus_visible(vm_factory):
     assert [c["cpu-index"] for c in cpus] == [0, 1, 2]
     tids = {c["thread-id"] for c in cpus}
     assert len(tids) == 3 and os.getpid() not in tids
-    assert "cpus=3" in vm.console_text()
+    assert "cpus=3" in vm.wait_console(" testdev=")   # the banner is written byte by byte
 
 
 def test_default_config_boots():
