@@ -132,6 +132,21 @@ struct mig_addr {
 	socklen_t len;
 };
 
+/* The PORT of tcp:HOST:PORT: decimal, 1..65535. */
+static int uri_check_port(const char *uri, const char *port, char *err, size_t errlen)
+{
+	for (const char *p = port; *p; p++)
+		if (*p < '0' || *p > '9') {
+			snprintf(err, errlen, "bad migration URI '%s': port must be a number", uri);
+			return -1;
+		}
+	if (atoi(port) <= 0 || atoi(port) > 65535) {
+		snprintf(err, errlen, "bad migration URI '%s': port out of range", uri);
+		return -1;
+	}
+	return 0;
+}
+
 static int uri_parse(const char *uri, struct mig_addr *a, bool listen_side, char *err, size_t errlen)
 {
 	memset(a, 0, sizeof(*a));
@@ -164,15 +179,8 @@ static int uri_parse(const char *uri, struct mig_addr *a, bool listen_side, char
 			h[strlen(h) - 1] = 0;
 			h++;
 		}
-		for (const char *p = colon + 1; *p; p++)
-			if (*p < '0' || *p > '9') {
-				snprintf(err, errlen, "bad migration URI '%s': port must be a number", uri);
-				return -1;
-			}
-		if (atoi(colon + 1) <= 0 || atoi(colon + 1) > 65535) {
-			snprintf(err, errlen, "bad migration URI '%s': port out of range", uri);
+		if (uri_check_port(uri, colon + 1, err, errlen) < 0)
 			return -1;
-		}
 		if (listen_side)
 			hints.ai_flags = AI_PASSIVE;
 		int rc = getaddrinfo(*h ? h : (listen_side ? NULL : "127.0.0.1"), colon + 1, &hints, &res);
@@ -200,15 +208,8 @@ int migration_uri_check(const char *uri, char *err, size_t errlen)
 			snprintf(err, errlen, "bad migration URI '%s': expected tcp:HOST:PORT", uri);
 			return -1;
 		}
-		for (const char *p = colon + 1; *p; p++)
-			if (*p < '0' || *p > '9') {
-				snprintf(err, errlen, "bad migration URI '%s': port must be a number", uri);
-				return -1;
-			}
-		if (atoi(colon + 1) <= 0 || atoi(colon + 1) > 65535) {
-			snprintf(err, errlen, "bad migration URI '%s': port out of range", uri);
+		if (uri_check_port(uri, colon + 1, err, errlen) < 0)
 			return -1;
-		}
 		return 0;
 	}
 	return uri_parse(uri, &a, true, err, errlen);
