@@ -21,6 +21,7 @@
 #include "trace.h"
 #include "util.h"
 #include "vm.h"
+#include "vmstate.h"
 #include "bus.h"
 #include "dirty_kvm.h"
 #include "../devices/devices.h"
@@ -615,7 +616,7 @@ struct vm *vm_create(const struct vm_config *cfg, char *err, size_t errlen)
 	if (vm_load_kernel(vm, err, errlen) < 0)
 		goto fail;
 	trace_startup("load");
-	if (vm_create_vcpus(vm, err, errlen) < 0)
+	if (vm_create_vcpus(vm, err, errlen) < 0 || vmstate_prepare(vm, err, errlen) < 0)
 		goto fail;
 	trace_startup("vcpus");
 	return vm;

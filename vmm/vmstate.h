@@ -17,8 +17,9 @@ void blob_put(struct blob *b, uint32_t id, const void *data, size_t len);
 int  blob_next(const uint8_t *p, size_t len, size_t *off, uint32_t *id, const void **data,
 	       uint32_t *dlen);
 
-/* Before the downtime: learn which MSRs this host can read (one ioctl per
- * index; may wait for vCPU 0 to leave KVM_RUN). 0 or -1 with err. */
+/* Learn which MSRs this host can read: at VM creation, before vCPU 0 runs
+ * (a vCPU ioctl from another thread waits until that vCPU leaves KVM_RUN,
+ * which a busy guest may not do for seconds). 0 or -1 with err. */
 int vmstate_prepare(struct vm *vm, char *err, size_t errlen);
 /* vCPUs must be parked (vm_stop_for_migration) or not yet started. */
 int vmstate_save_vcpu(struct vm *vm, int index, struct blob *b, char *err, size_t errlen);
