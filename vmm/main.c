@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "config.h"
 #include "ctl.h"
 #include "loop.h"
@@ -93,6 +94,11 @@ static int run_main(int argc, char **argv)
 		ret = loop_run();
 	}
 	qmp_server_stop();
+	if (!migration_shutdown(vm)) {
+		pr_err("a migration thread did not stop; exiting without cleanup");
+		fflush(NULL);
+		_exit(ret);
+	}
 	vm_destroy(vm);
 	config_free(&cfg);
 	return ret;

@@ -1014,10 +1014,13 @@ struct pending_state {
 static struct {
 	struct vm *vm;
 	int lfd;
+	int fd;                 /* the source's connection, under lock */
 	char path[108];
 	pthread_t thread;
+	bool thread_live;
 	bool paused;            /* the source's guest was paused */
-} inc = { .lfd = -1 };
+	pthread_mutex_t lock;
+} inc = { .lfd = -1, .fd = -1, .lock = PTHREAD_MUTEX_INITIALIZER };
 
 /* Destination: fault in the folios of the PREFAULT hint from its end
  * backwards while the receiver fills from the front; they meet in the
@@ -1487,8 +1490,11 @@ static void *incoming_thread(void *arg)
 	do
 		fd = accept4(inc.lfd, NULL, NULL, SOCK_CLOEXEC);
 	while (fd < 0 && errno == EINTR);
+	pthread_mutex_lock(&inc.lock);
 	close(inc.lfd);
 	inc.lfd = -1;
+	inc.fd = fd;
+	pthread_mutex_unlock(&inc.lock);
 	if (inc.path[0])
 		unlink(inc.path);
 	if (fd < 0) {
@@ -1508,6 +1514,9 @@ static void *incoming_thread(void *arg)
 		snprintf(err, sizeof(err), "cannot acknowledge to the source: %s", strerror(errno));
 		rc = -1;
 	}
+	pthread_mutex_lock(&inc.lock);
+	inc.fd = -1;
+	pthread_mutex_unlock(&inc.lock);
 	close(fd);
 	if (rc < 0) {
 		pr_err("incoming migration failed: %s", err);
@@ -1553,6 +1562,44 @@ int migration_incoming_start(struct vm *vm)
 		pr_err("cannot create the incoming migration thread");
 		return -1;
 	}
-	pthread_detach(inc.thread);
+	inc.thread_live = true;
 	return 0;
+}
+
+/* Wait for a thread, at most `ms`. */
+static bool join_within(pthread_t t, unsigned ms)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_sec += ms / 1000;
+	ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	return pthread_timedjoin_np(t, NULL, &ts) == 0;
+}
+
+bool migration_shutdown(struct vm *vm)
+{
+	bool ok = true;
+	migration_cancel(vm);
+	if (mig.thread_live) {
+		ok = join_within(mig.thread, 10000);
+		mig.thread_live = !ok;
+	}
+	if (inc.thread_live) {
+		/* Wake the accept or the receive; the thread then fails the
+		 * migration (a no-op now that the main loop has ended). */
+		pthread_mutex_lock(&inc.lock);
+		if (inc.lfd >= 0)
+			shutdown(inc.lfd, SHUT_RDWR);
+		if (inc.fd >= 0)
+			shutdown(inc.fd, SHUT_RDWR);
+		pthread_mutex_unlock(&inc.lock);
+		bool joined = join_within(inc.thread, 10000);
+		inc.thread_live = !joined;
+		ok = ok && joined;
+	}
+	return ok;
 }

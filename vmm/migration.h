@@ -32,4 +32,9 @@ uint64_t migration_max_iterations(void);
  * arrived and checked out; on any error mdvm exits with status 1. */
 int  migration_incoming_listen(struct vm *vm, const char *uri, char *err, size_t errlen);
 int  migration_incoming_start(struct vm *vm);
+
+/* mdvm is exiting: cancel an outgoing migration, end an incoming one, and
+ * wait for their threads (they use the VM). false if one did not end in
+ * time: the caller must then not free the VM. */
+bool migration_shutdown(struct vm *vm);
 #endif

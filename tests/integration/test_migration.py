@@ -184,6 +184,28 @@ def test_kill_destination_midway(vm_factory, tmp_path):
     check_source_intact(src, before)
 
 
+def test_quit_source_midway(vm_factory, tmp_path):
+    """quit while the migration thread is sending: mdvm stops the thread
+    before freeing the VM and exits 0 (it used to crash with SIGSEGV)."""
+    src, dst, before = slow_pair(vm_factory, tmp_path)
+    src.qmp.cmd("quit")
+    assert src.wait_exit(20) == 0
+    assert "Segmentation" not in src.stderr()
+    assert dst.wait_exit(20) == 1
+    assert "incoming migration failed" in dst.stderr()
+
+
+def test_quit_destination_midway(vm_factory, tmp_path):
+    """quit on the destination while it receives: it ends its receiver
+    first and exits 0; the source's migration fails, its guest is intact."""
+    src, dst, before = slow_pair(vm_factory, tmp_path)
+    dst.qmp.cmd("quit")
+    assert dst.wait_exit(20) == 0
+    r = wait_migration(src)
+    assert r["status"] == "failed", r
+    check_source_intact(src, before)
+
+
 class Proxy:
     """Forwards a migration stream, flipping one byte or cutting it short."""
 
