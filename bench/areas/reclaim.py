@@ -44,9 +44,11 @@ def reclaim(b, mem, backing, method):
                                            "chunk": 4096, "stride": 8192})
         freed = r["released-bytes"]
         maps = vmas(vm)
+        hr = q.cmd("query-memory")["fragmentation"]["host-bytes"]
         c = q.cmd("compact", {"method": method})
         h1 = q.cmd("query-memory")["fragmentation"]["host-bytes"]
         c["returned-total"] = h0 - h1   # at release (memfd punches) and by compaction
+        c["host-bytes"] = (h0, hr, h1)  # walked, after the release, after compact
         c["maps-after-release"] = maps
         return freed, c
     finally:
@@ -91,6 +93,7 @@ def measure(b):
     }
     for r in rows.values():
         r.no_qemu("QEMU does not compact or move guest RAM on the host")
+    comp = {}   # backing -> host bytes (walked, released, compacted), first run
     for _ in b.runs(3):
         with t.guard("mdvm", rows["frac_hugetlb"], rows["hp_hugetlb"], rows["time_hugetlb"],
                      rows["wp_hugetlb"]):
@@ -102,6 +105,7 @@ def measure(b):
                 raise NotMeasured("nothing demoted: " + c.get("note", "?"))
             rows["time_hugetlb"].add("mdvm", c["time-ns"] / 1e9 / (2 * freed / (1 << 30)))
             rows["wp_hugetlb"].add("mdvm", c["longest-write-protect-ns"] / 1e3)
+            comp.setdefault("mdvm (hugetlb)", c["host-bytes"])
         with t.guard("mdvm", rows["stop_hugetlb"]):
             freed, c = reclaim(b, mem, "hugetlb", "pause")
             rows["stop_hugetlb"].add("mdvm", c["longest-stop-ns"] / 1e3)
@@ -111,6 +115,7 @@ def measure(b):
             rows["maps_memfd"].add("mdvm", c["maps-after-release"])
             rows["hp_memfd"].add("mdvm", c["hugepages-freed"])
             rows["wp_memfd"].add("mdvm", c["longest-write-protect-ns"] / 1e3)
+            comp.setdefault("mdvm (memfd)", c["host-bytes"])
         with t.guard("mdvm", rows["time_h"], rows["wp_h"]):
             m = migrate_all(b, mem, "uffd-wp")
             if not m["bytes-moved"]:
@@ -120,6 +125,14 @@ def measure(b):
         with t.guard("mdvm", rows["stop_h"]):
             m = migrate_all(b, mem, "pause")
             rows["stop_h"].add("mdvm", m["longest-stop-ns"] / 1e3)
+    if comp:
+        stages = ("guest touched all", "half freed (scattered)", "after compact")
+        b.plot(t, "reclaim-memory", "host memory behind guest RAM (%s guest): touched, half freed "
+               "scattered, compacted" % mem, "", "MiB",
+               [(st, [(k, v[i] / MiB) for k, v in comp.items()]) for i, st in enumerate(stages)],
+               kind="bars", caption="host memory behind guest RAM (query-memory host-bytes: "
+               "allocated blocks of the backing files) before and after a scattered release of half "
+               "the pages and `compact`; QEMU keeps all of it on hugetlb (balloon table)")
     t.note("hugetlb: a 2 MiB page maps whole at its guest region, so a half-free region keeps "
            "it; compaction demotes such regions (live pages to 4 KiB pages of a shmem side file, "
            "the region remapped from it, the hugetlb page punched) and collapse promotes them "
