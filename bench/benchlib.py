@@ -693,7 +693,9 @@ def versions():
     v = {}
     v["mdvm"] = _run([MDVM, "--version"]) or "(not built)"
     commit = _run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
-    dirty = _run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"])
+    # The previous run's own output (docs/benchmarks*) does not make the build dirty.
+    dirty = _run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)docs/benchmarks.md", ":(exclude)docs/benchmarks"])
     v["git"] = commit + (" + uncommitted changes" if dirty else "")
     prod = ""
     out = _run(["sh", "-c", "readelf --debug-dump=info %s 2>/dev/null | grep -m1 DW_AT_producer" % MDVM])
