@@ -47,6 +47,7 @@ struct virtio_balloon {
 	uint32_t stats_valid;
 	virtio_balloon_change_fn change_fn;
 	void *change_opaque;
+	struct virtio_dev_ops ops;     /* balloon_ops with this device's features */
 	struct vq_elem elem;           /* popped chain (4 KiB: not on a stack) */
 	uint32_t pfns[1024];
 };
@@ -365,14 +366,20 @@ static const struct virtio_dev_ops balloon_ops = {
 	.reset = balloon_reset,
 };
 
-struct virtio_balloon *virtio_balloon_create(struct vm *vm, uint64_t gpa, int irq)
+struct virtio_balloon *virtio_balloon_create(struct vm *vm, uint64_t gpa, int irq, bool deflate_on_oom,
+					     bool reporting)
 {
 	struct virtio_balloon *b = xcalloc(1, sizeof(*b));
 
 	b->vm = vm;
 	b->gm = vm_mem(vm);
 	b->stats_q = -1;
-	b->t = virtio_mmio_create(vm, gpa, irq, &balloon_ops, b);
+	b->ops = balloon_ops;   /* per device: the features offered are configurable */
+	if (!deflate_on_oom)
+		b->ops.features &= ~(1ULL << VIRTIO_BALLOON_F_DEFLATE_ON_OOM);
+	if (!reporting)
+		b->ops.features &= ~(1ULL << VIRTIO_BALLOON_F_REPORTING);
+	b->t = virtio_mmio_create(vm, gpa, irq, &b->ops, b);
 	if (!b->t) {
 		free(b);
 		return NULL;

@@ -41,7 +41,10 @@ struct virtio_balloon_info {
 	uint32_t stats_valid;        /* bit per tag present */
 };
 
-struct virtio_balloon *virtio_balloon_create(struct vm *vm, uint64_t gpa, int irq);
+/* deflate_on_oom, reporting: offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM /
+ * VIRTIO_BALLOON_F_REPORTING (libvirt's autodeflate, freePageReporting). */
+struct virtio_balloon *virtio_balloon_create(struct vm *vm, uint64_t gpa, int irq, bool deflate_on_oom,
+					     bool reporting);
 /* QMP `balloon`: the guest should end up with `bytes` of RAM (clamped to RAM size). */
 void virtio_balloon_set_target(struct virtio_balloon *b, uint64_t bytes);
 void virtio_balloon_get_info(struct virtio_balloon *b, struct virtio_balloon_info *out);

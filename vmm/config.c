@@ -116,6 +116,8 @@ void config_init(struct vm_config *cfg)
 	cfg->console = CONSOLE_STDIO;
 	cfg->backing = MM_BACKING_AUTO;
 	cfg->balloon = 1;
+	cfg->balloon_autodeflate = 1;
+	cfg->balloon_reporting = 1;
 }
 
 void config_free(struct vm_config *cfg)
@@ -690,8 +692,11 @@ static int xml_devices(struct xml_ctx *x, xmlNodePtr n)
 			if (xml_chardev(x, c, &x->console_kind, &x->console_path) < 0)
 				return -1;
 		} else if (is(c, "memballoon")) {
-			/* As libvirt: a virtio balloon unless <memballoon model='none'/>. */
-			static const char *const attrs[] = { "model", NULL };
+			/* As libvirt: a virtio balloon unless <memballoon model='none'/>;
+			 * autodeflate / freePageReporting: libvirt's attribute names. */
+			static const char *const attrs[] = { "model", "autodeflate", "freePageReporting", NULL };
+			static const char *const feat[] = { "autodeflate", "freePageReporting" };
+			int *dst[] = { &x->cfg->balloon_autodeflate, &x->cfg->balloon_reporting };
 			char *model;
 			int on;
 
@@ -703,6 +708,19 @@ static int xml_devices(struct xml_ctx *x, xmlNodePtr n)
 			if (on < 0)
 				return unsupported(x, c);
 			x->cfg->balloon = on;
+			for (int i = 0; i < 2; i++) {
+				char *v = attr(c, feat[i]);
+				if (!v)
+					continue;
+				int ok = !strcmp(v, "on") || !strcmp(v, "off");
+				if (ok)
+					*dst[i] = !strcmp(v, "on");
+				else
+					xerr(x, c, "<memballoon %s='%s'>: expected 'on' or 'off'", feat[i], v);
+				free(v);
+				if (!ok)
+					return -1;
+			}
 		} else {
 			return unsupported(x, c);
 		}
@@ -1303,7 +1321,11 @@ static void print_config(FILE *f, const struct vm_config *cfg)
 		fprintf(f, "console: %s\n", cfg->console == CONSOLE_STDIO ? "stdio" : "none");
 	fprintf(f, "backing: %s\n", mm_backing_name(cfg->backing));
 	fprintf(f, "reserve-hugepages: %s\n", cfg->reserve_hugepages ? "yes" : "no");
-	fprintf(f, "balloon: %s\n", cfg->balloon ? "on" : "off");
+	fprintf(f, "balloon: %s", cfg->balloon ? "on" : "off");
+	if (cfg->balloon)
+		fprintf(f, " (autodeflate %s, free page reporting %s)", cfg->balloon_autodeflate ? "on" : "off",
+			cfg->balloon_reporting ? "on" : "off");
+	fprintf(f, "\n");
 	fprintf(f, "compaction: %s\n", cfg->compaction ? "auto" : "off");
 	fprintf(f, "control: %s\n", cfg->control_path ? cfg->control_path : "none");
 	if (cfg->incoming)

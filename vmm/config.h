@@ -28,6 +28,8 @@ struct vm_config {
 	enum mm_backing backing;
 	int reserve_hugepages;   /* --reserve-hugepages */
 	int balloon;             /* virtio-balloon: 1 (default, libvirt's too) or 0 */
+	int balloon_autodeflate; /* offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM: 1 (default) or 0 */
+	int balloon_reporting;   /* offer VIRTIO_BALLOON_F_REPORTING: 1 (default) or 0 */
 	int compaction;          /* --compaction auto: background compactor (1), off (0, default) */
 	struct mce_inject_at inject_at[CONFIG_MAX_INJECT_AT];
 	unsigned n_inject_at;

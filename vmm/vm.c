@@ -599,7 +599,8 @@ struct vm *vm_create(const struct vm_config *cfg, char *err, size_t errlen)
 	if (cfg->balloon) {
 		/* How a guest finds it (Linux: CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES). */
 		char *c;
-		vm->balloon = virtio_balloon_create(vm, MDVM_VIRTIO_MMIO_GPA, MDVM_VIRTIO_IRQ);
+		vm->balloon = virtio_balloon_create(vm, MDVM_VIRTIO_MMIO_GPA, MDVM_VIRTIO_IRQ,
+						    cfg->balloon_autodeflate, cfg->balloon_reporting);
 		if (!vm->balloon) {
 			VERR("cannot create the virtio balloon");
 			goto fail;

@@ -360,3 +360,26 @@ def test_system_reset_gives_memory_back(vm_factory):
     assert vm.guest("verify base=48M size=1M gen=6")[0] == 0
     text = balloon_to(vm, 32 * MiB)
     assert "actual=8192" in text, text
+
+
+def test_features_withdrawn_by_config(vm_factory, tmp_path):
+    """<memballoon autodeflate='off' freePageReporting='off'/>: the device
+    does not offer DEFLATE_ON_OOM or REPORTING, the guest's driver runs
+    without them, and inflation still works."""
+    guest = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                         "guest", "mdvm-guest.elf")
+    xml = tmp_path / "b.xml"
+    xml.write_text("<domain type='kvm'><name>b</name><memory unit='MiB'>64</memory>"
+                   "<os><type arch='x86_64'>hvm</type><kernel>%s</kernel></os>"
+                   "<devices><memballoon model='virtio' autodeflate='off' freePageReporting='off'/>"
+                   "</devices></domain>" % guest)
+    vm = vm_factory(extra=["--config", str(xml)]).start()
+    assert vm.guest("balloon-oom pages=16") == (
+        2, "balloon-oom: error: VIRTIO_BALLOON_F_DEFLATE_ON_OOM not negotiated")
+    assert vm.guest("report-free base=16M size=4M") == (
+        2, "report-free: error: VIRTIO_BALLOON_F_REPORTING not negotiated")
+    s = stats(vm)
+    assert not s["features"] & (1 << 2) and not s["features"] & (1 << 5), s
+    vm.qmp.cmd("balloon", value=48 * MiB)
+    assert vm.guest("balloon")[0] == 0
+    assert vm.qmp.cmd("query-balloon") == {"actual": 48 * MiB}

@@ -190,3 +190,21 @@ def test_help():
     for opt in ("--config", "--memory", "--cpus", "--kernel", "--cmdline", "--control",
                 "--console", "--backing", "--reserve-hugepages", "--help"):
         assert opt in r.stdout, opt
+
+
+def test_memballoon_features(tmp_path):
+    """libvirt's autodeflate / freePageReporting attributes: valid libvirt
+    XML, read by mdvm; both default to on; a bad value is refused."""
+    path = tmp_path / "balloon.xml"
+    path.write_text(domain("  <devices><memballoon model='virtio' autodeflate='off' "
+                           "freePageReporting='off'/></devices>"))
+    assert validate(str(path)).returncode == 0
+    r = check_config("--config", str(path))
+    assert r.returncode == 0, r.stderr
+    assert resolved(r.stdout)["balloon"] == "on (autodeflate off, free page reporting off)"
+    r = check_config("--config", "configs/default.xml")
+    assert resolved(r.stdout)["balloon"] == "on (autodeflate on, free page reporting on)"
+    path.write_text(domain("  <devices><memballoon model='virtio' autodeflate='yes'/></devices>"))
+    r = check_config("--config", str(path))
+    assert r.returncode != 0 and r.stdout == ""
+    assert "<memballoon autodeflate='yes'>: expected 'on' or 'off'" in r.stderr, r.stderr
