@@ -439,11 +439,11 @@ static int demote_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_
 		memcpy(tmp + off, gm->base + gpa + off, len);
 		*copied += len;
 	}
-	munmap(tmp, HPAGE_SIZE);   /* the pages stay in the file */
-	if (!rc && mmap(gm->base + gpa, HPAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-			gm->pool.side_fd, (off_t)gpa) == MAP_FAILED)
+	if (mmap(gm->base + gpa, HPAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+		 gm->pool.side_fd, (off_t)gpa) == MAP_FAILED)
 		rc = -errno;
 	if (rc) {
+		munmap(tmp, HPAGE_SIZE);
 		fallocate(gm->pool.side_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)gpa,
 			  (off_t)HPAGE_SIZE);
 		if (c->method == MM_MIGRATE_WP)
@@ -453,7 +453,9 @@ static int demote_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_
 	}
 	window_end(gm, c, gpa, t0);
 	/* After the wake: the hugetlb page is no longer mapped, and neither
-	 * the registration nor the punch needs the writers to wait. */
+	 * the unmap of the copy's mapping (the pages stay in the file), the
+	 * registration nor the punch needs the writers to wait. */
+	munmap(tmp, HPAGE_SIZE);
 	region_rearm(gm, gpa, HPAGE_SIZE);
 	pool_demote_region(gm, r);   /* gives the hugetlb page back */
 	/* A vCPU that touched a free page between the mmap and the
