@@ -255,17 +255,6 @@ static long count_lines(const char *path)
 	return n;
 }
 
-static long read_sysctl(const char *path)
-{
-	FILE *f = fopen(path, "r");
-	long v = -1;
-	if (f && fscanf(f, "%ld", &v) != 1)
-		v = -1;
-	if (f)
-		fclose(f);
-	return v;
-}
-
 /* How many 4 KiB-folio moves the mapping budget allows: a folio moved out of
  * its home hugepage becomes a VMA of its own at its GPA, and the piece it
  * lands on may need a placeholder at the GPA that still mapped it: up to 4
@@ -273,7 +262,7 @@ static long read_sysctl(const char *path)
  * vm.max_map_count, so the guest's own releases and faults never hit it. */
 static uint64_t map_budget_moves(void)
 {
-	long max = read_sysctl("/proc/sys/vm/max_map_count"), now = count_lines("/proc/self/maps");
+	long max = mm_read_long("/proc/sys/vm/max_map_count"), now = count_lines("/proc/self/maps");
 	if (max <= 0 || now < 0)
 		return 0;
 	long room = (max - now) / 2;

@@ -68,7 +68,8 @@ static void seterr(char *err, size_t errlen, const char *fmt, ...)
 /* ---- host facts */
 #define HP_SYSFS "/sys/kernel/mm/hugepages/hugepages-2048kB/"
 
-static long read_long(const char *path)
+/* A sysctl/sysfs number; -1 if unreadable. */
+long mm_read_long(const char *path)
 {
 	FILE *f = fopen(path, "r");
 	long v = -1;
@@ -80,7 +81,7 @@ static long read_long(const char *path)
 	return v;
 }
 
-static int write_long(const char *path, long v)
+int mm_write_long(const char *path, long v)
 {
 	FILE *f = fopen(path, "w");
 	if (!f)
@@ -93,7 +94,7 @@ static int write_long(const char *path, long v)
 
 static long hugepages_available(void)
 {
-	long fr = read_long(HP_SYSFS "free_hugepages"), rs = read_long(HP_SYSFS "resv_hugepages");
+	long fr = mm_read_long(HP_SYSFS "free_hugepages"), rs = mm_read_long(HP_SYSFS "resv_hugepages");
 	if (fr < 0)
 		return -1;
 	return fr - (rs > 0 ? rs : 0);
@@ -123,13 +124,13 @@ static void hugetlb_unraise(struct guest_mem *gm)
 {
 	if (gm->hp_new <= gm->hp_old)
 		return;
-	long cur = read_long(HP_SYSFS "nr_hugepages");
+	long cur = mm_read_long(HP_SYSFS "nr_hugepages");
 	long to = cur - (gm->hp_new - gm->hp_old);
 	if (to < gm->hp_old)
 		to = gm->hp_old;
-	if (cur >= 0 && write_long(HP_SYSFS "nr_hugepages", to) == 0 && !gm->cfg.quiet)
+	if (cur >= 0 && mm_write_long(HP_SYSFS "nr_hugepages", to) == 0 && !gm->cfg.quiet)
 		mm_log(gm, "backing: lowered nr_hugepages %ld -> %ld", cur,
-		       read_long(HP_SYSFS "nr_hugepages"));
+		       mm_read_long(HP_SYSFS "nr_hugepages"));
 	gm->hp_new = gm->hp_old = 0;
 }
 
@@ -164,14 +165,14 @@ static bool hugetlb_possible(struct guest_mem *gm, char *why, size_t whylen)
 			 "nr_hugepages", need, avail);
 		return false;
 	}
-	long old = read_long(HP_SYSFS "nr_hugepages"), want = old + (need - avail);
-	if (old < 0 || write_long(HP_SYSFS "nr_hugepages", want) < 0) {
+	long old = mm_read_long(HP_SYSFS "nr_hugepages"), want = old + (need - avail);
+	if (old < 0 || mm_write_long(HP_SYSFS "nr_hugepages", want) < 0) {
 		snprintf(why, whylen, "cannot raise nr_hugepages: %s", strerror(errno));
 		return false;
 	}
-	long now = read_long(HP_SYSFS "nr_hugepages");
+	long now = mm_read_long(HP_SYSFS "nr_hugepages");
 	if (hugepages_available() < need) {
-		write_long(HP_SYSFS "nr_hugepages", old);
+		mm_write_long(HP_SYSFS "nr_hugepages", old);
 		snprintf(why, whylen, "raising nr_hugepages %ld -> %ld gave only %ld (host memory "
 			 "fragmented or short); restored %ld", old, want, now, old);
 		return false;

@@ -27,6 +27,10 @@ enum mm_backing {
 const char *mm_backing_name(enum mm_backing b);
 int mm_backing_parse(const char *s, enum mm_backing *out);  /* 0 or -1 */
 
+/* One number from a sysctl or sysfs file: -1 if unreadable; 0 or -1. */
+long mm_read_long(const char *path);
+int mm_write_long(const char *path, long v);
+
 /* The narrow hypervisor interface mm/ uses. A region is a range of guest
  * physical addresses backed by [hva, hva+size) of this process. */
 struct mm_hv_ops {

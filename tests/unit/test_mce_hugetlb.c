@@ -27,40 +27,20 @@
 
 static long hp_old = -1, hp_set = -1;
 
-static long read_long(const char *path)
-{
-	FILE *f = fopen(path, "r");
-	long v = -1;
-	if (f && fscanf(f, "%ld", &v) != 1)
-		v = -1;
-	if (f)
-		fclose(f);
-	return v;
-}
-
-static bool write_long(const char *path, long v)
-{
-	FILE *f = fopen(path, "w");
-	if (!f)
-		return false;
-	bool ok = fprintf(f, "%ld\n", v) > 0;
-	return fclose(f) == 0 && ok;
-}
-
 /* Unchecked fixture: runs in the runner process, so the value is restored
  * even if the (forked) test fails. */
 static void hp_raise(void)
 {
-	hp_old = read_long(NR_HP);
-	if (hp_old >= 0 && write_long(NR_HP, hp_old + WANT_HP))
-		hp_set = read_long(NR_HP);
+	hp_old = mm_read_long(NR_HP);
+	if (hp_old >= 0 && mm_write_long(NR_HP, hp_old + WANT_HP) == 0)
+		hp_set = mm_read_long(NR_HP);
 }
 
 static void hp_restore(void)
 {
 	/* Only if nobody changed it meanwhile. */
-	if (hp_set >= 0 && read_long(NR_HP) == hp_set)
-		write_long(NR_HP, hp_old);
+	if (hp_set >= 0 && mm_read_long(NR_HP) == hp_set)
+		mm_write_long(NR_HP, hp_old);
 	hp_set = -1;
 }
 

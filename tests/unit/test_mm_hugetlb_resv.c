@@ -32,40 +32,20 @@ static long meminfo(const char *key)
 
 static long avail(void) { return meminfo("HugePages_Free") - meminfo("HugePages_Rsvd"); }
 
-static long read_nr(void)
-{
-	long v = -1;
-	FILE *f = fopen(NR_HP, "r");
-	if (f && fscanf(f, "%ld", &v) != 1)
-		v = -1;
-	if (f)
-		fclose(f);
-	return v;
-}
-
-static void write_nr(long v)
-{
-	FILE *f = fopen(NR_HP, "w");
-	if (f) {
-		fprintf(f, "%ld\n", v);
-		fclose(f);
-	}
-}
-
 /* Unchecked fixture: runs in the runner process, restored even if a test fails. */
 static void hp_setup(void)
 {
-	hp_old = read_nr();
+	hp_old = mm_read_long(NR_HP);
 	if (hp_old < 0)
 		return;
-	write_nr(hp_old + AVAIL - avail());
-	hp_set = read_nr();
+	mm_write_long(NR_HP, hp_old + AVAIL - avail());
+	hp_set = mm_read_long(NR_HP);
 }
 
 static void hp_teardown(void)
 {
-	if (hp_set >= 0 && read_nr() == hp_set)
-		write_nr(hp_old);
+	if (hp_set >= 0 && mm_read_long(NR_HP) == hp_set)
+		mm_write_long(NR_HP, hp_old);
 	hp_set = -1;
 }
 
