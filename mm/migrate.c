@@ -476,24 +476,32 @@ static int demote_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_
 	return 0;
 }
 
-int mm_demote_region(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t region)
+static int promote_locked(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t r);
+
+/* Demote or promote one region with its folios frozen: the bookkeeping both
+ * share (pause budget, lock, counters). */
+static int region_convert(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t region, bool promote)
 {
 	int rc;
 	unsigned n;
-	uint64_t copied = 0;
+	uint64_t bytes = HPAGE_SIZE;
 	if (gm->backing != MM_BACKING_HUGETLB || region >= gm->md.nregions)
 		return -EINVAL;
 	if (c->method == MM_MIGRATE_PAUSE && (rc = pause_start(c)))
 		return rc;
 	pthread_mutex_lock(&gm->lock);
-	if (!(rc = region_freeze(gm, region, false, &n))) {
-		rc = demote_locked(gm, c, region, UINT64_MAX, &copied);
+	if (!(rc = region_freeze(gm, region, promote, &n))) {
+		rc = promote ? promote_locked(gm, c, region)
+			     : demote_locked(gm, c, region, UINT64_MAX, &bytes);
 		region_thaw(gm, region);
 		if (!rc) {
-			c->st.regions_demoted++;
+			if (promote)
+				c->st.regions_promoted++;
+			else
+				c->st.regions_demoted++;
 			c->st.folios_moved += n;
-			c->st.bytes_moved += copied;
-			c->paused_bytes += copied;
+			c->st.bytes_moved += bytes;
+			c->paused_bytes += bytes;
 		}
 	}
 	pthread_mutex_unlock(&gm->lock);
@@ -501,6 +509,11 @@ int mm_demote_region(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t re
 	if (c->paused && c->paused_bytes >= c->pause_budget_bytes)
 		pause_stop(c);
 	return rc;
+}
+
+int mm_demote_region(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t region)
+{
+	return region_convert(gm, c, region, false);
 }
 
 int demote_for_failure_locked(struct guest_mem *gm, uint64_t gfn)
@@ -572,26 +585,5 @@ out:
 
 int mm_promote_region(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64_t region)
 {
-	int rc;
-	unsigned n;
-	if (gm->backing != MM_BACKING_HUGETLB || region >= gm->md.nregions)
-		return -EINVAL;
-	if (c->method == MM_MIGRATE_PAUSE && (rc = pause_start(c)))
-		return rc;
-	pthread_mutex_lock(&gm->lock);
-	if (!(rc = region_freeze(gm, region, true, &n))) {
-		rc = promote_locked(gm, c, region);
-		region_thaw(gm, region);
-		if (!rc) {
-			c->st.regions_promoted++;
-			c->st.folios_moved += n;
-			c->st.bytes_moved += HPAGE_SIZE;
-			c->paused_bytes += HPAGE_SIZE;
-		}
-	}
-	pthread_mutex_unlock(&gm->lock);
-	count_refusal(&c->st, rc);
-	if (c->paused && c->paused_bytes >= c->pause_budget_bytes)
-		pause_stop(c);
-	return rc;
+	return region_convert(gm, c, region, true);
 }
