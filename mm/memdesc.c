@@ -216,7 +216,7 @@ next:
 
 uint64_t mdt_bytes(const struct memdesc_table *t)
 {
-	return (uint64_t)t->top.ntouched * 4096 + t->leaves_total * LEAF_BYTES;
+	return lazy_array_cost(&t->top) + t->leaves_total * LEAF_BYTES;
 }
 
 static const char *const type_names[MEMDESC_NR_TYPES] = {

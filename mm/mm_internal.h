@@ -32,6 +32,11 @@ struct lazy_array {
 	size_t ntouched;
 };
 int  lazy_array_init(struct lazy_array *a, size_t bytes);
+/* Host memory it costs: the pages written plus the `touched` bitmap. */
+static inline uint64_t lazy_array_cost(const struct lazy_array *a)
+{
+	return a->p ? a->ntouched * 4096ULL + (a->bytes / 4096 + 7) / 8 : 0;
+}
 void lazy_array_free(struct lazy_array *a);
 static inline void lazy_array_touch(struct lazy_array *a, size_t byte_off)
 {
@@ -85,6 +90,7 @@ struct mm_pool {
 	uint64_t in_use;            /* hugepages with nr_used > 0 */
 	uint64_t live;              /* hugepages set up */
 	uint64_t owners_arrays;
+	uint64_t stale_arrays;      /* hpage.stale bitmaps allocated */
 	struct lazy_array rflags;   /* uint8_t per guest region: REGION_* */
 	int side_fd;                /* hugetlb: 4 KiB shmem file of demoted regions
 				     * (region r at offset r * 2 MiB); else -1 */

@@ -366,8 +366,11 @@ static int hpage_new(struct guest_mem *gm, uint32_t *out, bool resv_ok)
 
 static void stale_mark(struct guest_mem *gm, struct hpage *h, unsigned piece, unsigned n)
 {
-	if (!h->stale && !(h->stale = calloc(MM_REGION_PAGES / 64, sizeof(uint64_t))))
-		return;   /* the caller then unmaps instead */
+	if (!h->stale) {
+		if (!(h->stale = calloc(MM_REGION_PAGES / 64, sizeof(uint64_t))))
+			return;   /* the caller then unmaps instead */
+		gm->pool.stale_arrays++;
+	}
 	for (unsigned i = piece; i < piece + n; i++)
 		h->stale[i / 64] |= 1ULL << (i % 64);
 }
@@ -430,6 +433,7 @@ static void hpage_release(struct guest_mem *gm, uint32_t idx, struct hpage *h)
 		}
 		free(h->stale);
 		h->stale = NULL;
+		p->stale_arrays--;
 	}
 	if (p->kind == MM_BACKING_HUGETLB) {
 		fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -711,7 +715,9 @@ void pool_unquarantine(struct guest_mem *gm, uint32_t hpage, unsigned piece)
 uint64_t pool_bytes(const struct mm_pool *p)
 {
 	return p->nchunks * sizeof(void *) + p->chunks_alloced * HPAGE_CHUNK * sizeof(struct hpage) +
-	       p->owners_arrays * MM_REGION_PAGES * sizeof(uint32_t) + p->home.ntouched * 4096ULL;
+	       p->owners_arrays * MM_REGION_PAGES * sizeof(uint32_t) +
+	       p->stale_arrays * MM_REGION_PAGES / 8 + lazy_array_cost(&p->home) +
+	       lazy_array_cost(&p->rflags);
 }
 
 /* ---- mappings in the guest window */

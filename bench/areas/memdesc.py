@@ -45,9 +45,9 @@ def table_rows(text):
 
 
 def run_bench_mm(quick):
-    if not os.path.exists(BENCH_MM):
-        subprocess.run(["make", "-s", "-C", ROOT, "build/bench_mm"], check=True,
-                       stdout=subprocess.DEVNULL)
+    # Always through make: a stale binary would measure old structures.
+    subprocess.run(["make", "-s", "-C", ROOT, "build/bench_mm"], check=True,
+                   stdout=subprocess.DEVNULL)
     r = subprocess.run([BENCH_MM] + (["--quick"] if quick else []), capture_output=True,
                        text=True, timeout=BUDGET)
     if r.returncode != 0:
