@@ -1,5 +1,6 @@
 """Guest RAM behind the memdesc scheme, on real KVM: every backing kind, and
 query-memory figures that match what the guest touched."""
+import json
 import os
 import time
 
@@ -31,20 +32,33 @@ def test_fill_verify_on_every_backing(vm_factory, backing):
     assert open("/proc/sys/vm/nr_hugepages").read() == before, "mdvm did not restore nr_hugepages"
 
 
-def test_query_memory_counts_match_guest_touch(vm):
+@pytest.mark.parametrize("backing", ["memfd", "anon", "hugetlb"])
+def test_query_memory_counts_match_guest_touch(vm_factory, backing):
+    vm = vm_factory(memory="64M", extra=["--backing", backing] + hugetlb_extra(backing)).start()
     m0 = vm.qmp.cmd("query-memory")
     assert m0["ram-size"] == 64 << 20
+    assert m0["backing"] == backing
     for key in ("backing", "pages", "folios", "hugepages-in-use", "occupancy-histogram", "metadata-bytes"):
         assert key in m0, key
+    # Every frame is counted once, under exactly one type.
+    assert sum(m0["pages"].values()) * 4096 >= m0["ram-size"]
     # 8 MiB at 16 MiB: four untouched 2 MiB regions -> four order-9 folios.
     assert vm.guest("fill base=16M size=8M gen=1")[0] == 0
     m1 = vm.qmp.cmd("query-memory")
-    assert m1["first-touch-faults"] - m0["first-touch-faults"] == 4
+    if backing != "hugetlb":   # hugetlb maps a region whole: no fault to count
+        assert m1["first-touch-faults"] - m0["first-touch-faults"] == 4
     assert m1["folios"]["order-9"] - m0["folios"]["order-9"] == 4
     assert m1["pages"]["ram"] - m0["pages"]["ram"] == 2048
     assert m1["pages"]["unbacked"] == m0["pages"]["unbacked"] - 2048
     assert m1["hugepages-in-use"] - m0["hugepages-in-use"] == 4
     assert m1["populated-bytes"] - m0["populated-bytes"] == 8 << 20
+    # Four more full hugepages in the histogram's top bucket; the histogram
+    # covers exactly the hugepages in use.
+    occ0, occ1 = m0["occupancy-histogram"], m1["occupancy-histogram"]
+    assert occ1["512"] - occ0["512"] == 4, (occ0, occ1)
+    assert sum(occ1.values()) == m1["hugepages-in-use"], occ1
+    # Metadata: four order-9 folios cost descriptors, not per-page leaves.
+    assert 0 <= m1["metadata-bytes"] - m0["metadata-bytes"] < 4096, (m0["metadata-bytes"], m1["metadata-bytes"])
     # Reading back touches nothing new.
     assert vm.guest("verify base=16M size=8M gen=1")[0] == 0
     m2 = vm.qmp.cmd("query-memory")
@@ -52,6 +66,10 @@ def test_query_memory_counts_match_guest_touch(vm):
     # Boot structures are typed reserved; the hole is MMIO.
     assert m2["pages"]["reserved"] >= 2
     assert m2["pages"]["mmio"] > 0
+    # The command-line client shows the same figures.
+    r = run_mdvm("ctl", "--socket", vm.sock, "query-memory", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["return"]["ram-size"] == 64 << 20
 
 
 def test_untouched_memory_costs_no_host_memory(vm_factory):

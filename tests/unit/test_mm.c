@@ -714,7 +714,8 @@ START_TEST(test_hugetlb)
 	struct guest_mem *gm = mm_create(&c, NULL, NULL, err, sizeof(err));
 	if (!gm) {
 		ck_assert_ptr_nonnull(strstr(err, "hugetlb"));
-		return;   /* no hugepages here: skip */
+		fprintf(stderr, "test_hugetlb: skipped, no free hugepages (%s)\n", err);
+		return;
 	}
 	ck_assert_int_eq(mm_mark_reserved(gm, 0x6000, 0x2000), 0);
 	/* the region is mapped whole: every page of it has a folio */
