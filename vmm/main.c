@@ -1,8 +1,10 @@
 /* mdvm entry point: `mdvm run ...` launches a VM, `mdvm ctl ...` talks to one. */
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #include "config.h"
 #include "ctl.h"
@@ -25,6 +27,55 @@ static void usage(FILE *f)
 		"usage: mdvm run [options]       launch a VM (mdvm run --help)\n"
 		"       mdvm ctl [options] CMD   control a running VM (mdvm ctl --help)\n"
 		"       mdvm --version\n");
+}
+
+/* Setup prints informational lines ("backing: ...", "machine checks: ...")
+ * before it can fail (a bad kernel is found after RAM exists). They are held
+ * in a memfd behind stderr until the VM is about to run, so that a failed
+ * start prints exactly its one-line reason. */
+static int held_fd = -1, real_stderr = -1;
+
+static void hold_setup_lines(void)
+{
+	int fd = memfd_create("mdvm-setup-stderr", MFD_CLOEXEC);
+
+	if (fd < 0)
+		return;   /* then they are simply printed as they come */
+	real_stderr = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
+	if (real_stderr < 0 || dup2(fd, STDERR_FILENO) < 0) {
+		if (real_stderr >= 0)
+			close(real_stderr);
+		close(fd);
+		return;
+	}
+	held_fd = fd;
+}
+
+/* Back to the real stderr; print what was held if @replay. */
+static void release_setup_lines(bool replay)
+{
+	char buf[4096];
+	ssize_t n;
+
+	if (held_fd < 0)
+		return;
+	dup2(real_stderr, STDERR_FILENO);
+	close(real_stderr);
+	if (replay && lseek(held_fd, 0, SEEK_SET) == 0) {
+		while ((n = read(held_fd, buf, sizeof(buf))) > 0)
+			if (write(STDERR_FILENO, buf, (size_t)n) != n)
+				break;
+	}
+	close(held_fd);
+	held_fd = real_stderr = -1;
+}
+
+/* A setup failure: its reason is the only line printed. */
+static int setup_failed(const char *err)
+{
+	release_setup_lines(false);
+	fprintf(stderr, "mdvm: %s\n", err);
+	return 1;
 }
 
 static void on_terminate(int sig)
@@ -57,11 +108,11 @@ static int run_main(int argc, char **argv)
 		return 1;
 	}
 	trace_startup("vm-create");
+	hold_setup_lines();
 	vm = vm_create(&cfg, err, sizeof(err));
 	if (!vm) {
-		fprintf(stderr, "mdvm: %s\n", err);
 		config_free(&cfg);
-		return 1;
+		return setup_failed(err);
 	}
 	commands_register(vm);
 	commands_register_migration(vm);
@@ -70,20 +121,19 @@ static int run_main(int argc, char **argv)
 	/* Listen before the control socket appears: whoever waits for it can
 	 * then migrate to us at once. */
 	if (cfg.incoming && migration_incoming_listen(vm, cfg.incoming, err, sizeof(err)) < 0) {
-		fprintf(stderr, "mdvm: %s\n", err);
 		vm_destroy(vm);
 		config_free(&cfg);
-		return 1;
+		return setup_failed(err);
 	}
 	commands_register_mce(vm);
 	if (commands_register_memory)
 		commands_register_memory(vm);
 	if (cfg.control_path && qmp_server_start(cfg.control_path, err, sizeof(err)) < 0) {
-		fprintf(stderr, "mdvm: %s\n", err);
 		vm_destroy(vm);
 		config_free(&cfg);
-		return 1;
+		return setup_failed(err);
 	}
+	release_setup_lines(true);
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGINT, on_terminate);
 	signal(SIGTERM, on_terminate);
