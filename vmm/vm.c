@@ -462,6 +462,8 @@ static void vm_kick_all(struct vm *vm)
 	if (vm->testdev)
 		testdev_kick(vm->testdev);
 	for (int i = 0; i < vm->ncpus; i++) {
+		if (!vm->vcpus[i].run)   /* creation failed before this vCPU was mapped */
+			continue;
 		__atomic_store_n(&vm->vcpus[i].run->immediate_exit, 1, __ATOMIC_SEQ_CST);
 		if (vm->vcpus[i].started)
 			pthread_kill(vm->vcpus[i].thread, VCPU_KICK_SIGNAL);
@@ -484,6 +486,8 @@ static int vm_open_kvm(struct vm *vm, char *err, size_t errlen)
 		return VERR("cannot open /dev/kvm: %s", strerror(errno));
 	}
 	v = ioctl(vm->kvm_fd, KVM_GET_API_VERSION, 0);
+	if (v < 0)
+		return VERR("KVM_GET_API_VERSION failed: %s", strerror(errno));
 	if (v != KVM_API_VERSION)
 		return VERR("KVM API version %d, mdvm needs %d", v, KVM_API_VERSION);
 	vm->vm_fd = ioctl(vm->kvm_fd, KVM_CREATE_VM, 0);
@@ -508,6 +512,8 @@ static int vm_open_kvm(struct vm *vm, char *err, size_t errlen)
 static int vm_create_vcpus(struct vm *vm, char *err, size_t errlen)
 {
 	vm->vcpus = xcalloc(vm->ncpus, sizeof(*vm->vcpus));
+	for (int i = 0; i < vm->ncpus; i++)
+		vm->vcpus[i].fd = -1;   /* vm_destroy after a failure closes only real fds */
 	for (int i = 0; i < vm->ncpus; i++) {
 		struct vcpu *v = &vm->vcpus[i];
 
