@@ -5,6 +5,15 @@ import subprocess
 from mdvmtest import BANNER, GUEST, MDVM, ROOT, run_mdvm
 
 
+def vmm_error(r, msg):
+    """A VMM error (docs/architecture.md): exit status exactly 1 and one line
+    on stderr, `mdvm: ` and the reason, which contains `msg`."""
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert r.stderr.startswith("mdvm: ") and r.stderr.count("\n") == 1 and r.stderr.endswith("\n"), \
+        "not one line:\n" + r.stderr
+    assert msg in r.stderr, r.stderr
+
+
 def test_banner_and_poweroff(tmp_path):
     con = tmp_path / "con"
     r = run_mdvm("run", "--kernel", GUEST, "--memory", "32M", "--console", "file:%s" % con,
@@ -38,7 +47,7 @@ def test_exit_code_from_debug_exit_port():
 
 def test_guest_exception_is_reported_and_fails():
     r = run_mdvm("run", "--kernel", GUEST, "--memory", "32M", "--cmdline", "fault")
-    assert r.returncode != 0
+    assert r.returncode == 3, r.stderr   # the guest's exception handler exits with 3
     assert "exception" in r.stdout.lower() and "#UD" in r.stdout, r.stdout
 
 
@@ -71,27 +80,38 @@ def test_no_kvm_device_is_a_clear_error(tmp_path):
     r = subprocess.run(["unshare", "-m", "sh", "-c",
                         "mount -t tmpfs none /dev && exec %s run --kernel %s --memory 32M" % (MDVM, GUEST)],
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1
-    assert "cannot open /dev/kvm: no such device" in r.stderr
+    vmm_error(r, "cannot open /dev/kvm: no such device")
 
 
 def test_no_kvm_permission_is_a_clear_error():
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                         MDVM, "run", "--kernel", GUEST, "--memory", "32M", "--console", "none"],
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1
-    assert "cannot open /dev/kvm: permission denied" in r.stderr, r.stderr
+    vmm_error(r, "cannot open /dev/kvm: permission denied")
 
 
 def test_not_an_elf_kernel(tmp_path):
     k = tmp_path / "k"
     k.write_bytes(b"this is not an ELF file at all" * 10)
     r = run_mdvm("run", "--kernel", str(k), "--memory", "32M")
-    assert r.returncode == 1
-    assert "not an ELF file" in r.stderr
+    vmm_error(r, "not an ELF file")
 
 
 def test_elf_without_pvh_note(tmp_path):
     r = run_mdvm("run", "--kernel", "/bin/true", "--memory", "32M")
-    assert r.returncode == 1
-    assert "PVH" in r.stderr or "not in guest RAM" in r.stderr, r.stderr
+    vmm_error(r, "kernel '/bin/true': no PVH entry point (ELF note XEN_ELFNOTE_PHYS32_ENTRY)")
+
+
+def test_control_socket_cannot_be_created(tmp_path):
+    r = run_mdvm("run", "--kernel", GUEST, "--memory", "32M", "--console", "none",
+                 "--control", str(tmp_path / "no-such-dir" / "vm.sock"))
+    vmm_error(r, "cannot bind %s: No such file or directory" % (tmp_path / "no-such-dir" / "vm.sock"))
+
+
+def test_setup_lines_printed_once_the_vm_runs(tmp_path):
+    """The informational setup lines (backing, machine checks) are held back
+    only until the VM runs: a good start still prints them."""
+    r = run_mdvm("run", "--kernel", GUEST, "--memory", "32M", "--console", "none",
+                 "--cmdline", "poweroff")
+    assert r.returncode == 0, r.stderr
+    assert "mdvm: backing: " in r.stderr, r.stderr

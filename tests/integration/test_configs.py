@@ -25,6 +25,16 @@ def check_config(*args, cwd=ROOT):
                           text=True, timeout=30, cwd=cwd)
 
 
+def one_line_error(r, msg, status=2):
+    """Bad input: exit status exactly `status`, nothing on stdout, and one
+    line on stderr (`mdvm: ...`) that contains `msg`."""
+    assert r.returncode == status, (r.returncode, r.stderr)
+    assert r.stdout == "", r.stdout
+    assert r.stderr.startswith("mdvm: ") and r.stderr.count("\n") == 1 and r.stderr.endswith("\n"), \
+        "not one line:\n" + r.stderr
+    assert msg in r.stderr, r.stderr
+
+
 def resolved(out):
     return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
 
@@ -71,8 +81,7 @@ def test_default_config_used_without_config_or_kernel():
 
 def test_no_kernel_outside_repo(tmp_path):
     r = check_config(cwd=tmp_path)
-    assert r.returncode != 0
-    assert "no kernel: give --kernel ELF or --config FILE" in r.stderr
+    one_line_error(r, "no kernel: give --kernel ELF or --config FILE")
 
 
 def test_cli_overrides_config():
@@ -126,9 +135,7 @@ def test_bad_config_rejected(tmp_path, body, msg):
     v = validate(str(path))
     assert v.returncode == 0, v.stderr
     r = check_config("--config", str(path))
-    assert r.returncode != 0
-    assert "%s:%s" % (path, msg) in r.stderr, r.stderr
-    assert r.stdout == ""
+    one_line_error(r, "%s:%s" % (path, msg))
 
 
 def test_missing_initrd_rejected(tmp_path):
@@ -136,38 +143,34 @@ def test_missing_initrd_rejected(tmp_path):
     missing = tmp_path / "no-such-initrd.img"
     path.write_text(domain("", os_body="<type arch='x86_64'>hvm</type><initrd>%s</initrd>" % missing))
     r = check_config("--config", str(path))
-    assert r.returncode != 0
-    assert "initrd '%s': No such file or directory" % missing in r.stderr, r.stderr
+    one_line_error(r, "initrd '%s': No such file or directory" % missing)
 
 
 def test_bad_os_rejected(tmp_path):
     path = tmp_path / "loader.xml"
     path.write_text(domain("", os_body="<type arch='x86_64'>hvm</type><loader>/usr/share/OVMF/OVMF_CODE.fd</loader>"))
     r = check_config("--config", str(path))
-    assert r.returncode != 0
-    assert "%s:4:" % path in r.stderr and "loader" in r.stderr, r.stderr
+    one_line_error(r, "%s:4:" % path)
+    assert "loader" in r.stderr, r.stderr
 
 
 def test_domain_type_must_be_kvm(tmp_path):
     path = tmp_path / "qemu.xml"
     path.write_text(domain("").replace("type='kvm'", "type='qemu'"))
     r = check_config("--config", str(path))
-    assert r.returncode != 0
-    assert "%s:1: <domain type='qemu'>: mdvm runs only type='kvm' domains" % path in r.stderr
+    one_line_error(r, "%s:1: <domain type='qemu'>: mdvm runs only type='kvm' domains" % path)
 
 
 def test_malformed_xml(tmp_path):
     path = tmp_path / "broken.xml"
     path.write_text("<domain type='kvm'>\n<name>x</name>\n")
     r = check_config("--config", str(path))
-    assert r.returncode != 0
-    assert str(path) + ":" in r.stderr, r.stderr
+    one_line_error(r, str(path) + ":")
 
 
 def test_missing_config(tmp_path):
     r = check_config("--config", str(tmp_path / "nope.xml"))
-    assert r.returncode != 0
-    assert "%s: No such file or directory" % (tmp_path / "nope.xml") in r.stderr
+    one_line_error(r, "%s: No such file or directory" % (tmp_path / "nope.xml"))
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -177,11 +180,18 @@ def test_missing_config(tmp_path):
     (["--kernel", "/nonexistent/vmlinux"], "kernel '/nonexistent/vmlinux': No such file or directory"),
     (["--console", "tty"], "invalid --console 'tty': expected stdio, file:PATH or none"),
     (["extra"], "unexpected argument 'extra'"),
+    (["--memory"], "option '--memory' requires an argument"),
+    (["--memory", "1M"], "memory 1 MiB is below the minimum of 2 MiB"),
+    (["--backing", "bogus"], "invalid --backing 'bogus': expected auto, hugetlb, thp, memfd or anon"),
+    (["--balloon", "maybe"], "invalid --balloon 'maybe': expected on or off"),
+    (["--console", "file:/nonexistent/dir/x"], "console file '/nonexistent/dir/x': No such file or directory"),
 ])
 def test_cli_errors(args, msg):
-    r = check_config("--config", "configs/default.xml", *args)
-    assert r.returncode != 0
-    assert msg in r.stderr, r.stderr
+    one_line_error(check_config("--config", "configs/default.xml", *args), msg)
+    # The same without --check-config: refused before any VM exists.
+    r = subprocess.run([MDVM, "run", "--config", "configs/default.xml", *args], capture_output=True,
+                       text=True, timeout=30, cwd=ROOT, stdin=subprocess.DEVNULL)
+    one_line_error(r, msg)
 
 
 def test_help():
@@ -206,5 +216,4 @@ def test_memballoon_features(tmp_path):
     assert resolved(r.stdout)["balloon"] == "on (autodeflate on, free page reporting on)"
     path.write_text(domain("  <devices><memballoon model='virtio' autodeflate='yes'/></devices>"))
     r = check_config("--config", str(path))
-    assert r.returncode != 0 and r.stdout == ""
-    assert "<memballoon autodeflate='yes'>: expected 'on' or 'off'" in r.stderr, r.stderr
+    one_line_error(r, "<memballoon autodeflate='yes'>: expected 'on' or 'off'")
