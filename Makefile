@@ -17,8 +17,8 @@ VMM_SRCS  = $(wildcard vmm/*.c) $(wildcard devices/*.c)
 # Sources the unit tests link against (no KVM, no main()).
 UNIT_LIB_SRCS = $(MM_SRCS) vmm/config.c vmm/util.c
 UNIT_SRCS = $(wildcard tests/unit/*.c)
-# Included by test_qmp.c itself (not linked separately), listed for rebuilds.
-UNIT_INCLUDED_SRCS = vmm/loop.c vmm/qmp.c
+# Included by unit tests themselves (not linked separately), listed for rebuilds.
+UNIT_INCLUDED_SRCS = vmm/loop.c vmm/qmp.c vmm/boot_pvh.c
 
 OBJS      = $(patsubst %.c,$(B)/%.o,$(VMM_SRCS) $(MM_SRCS))
 

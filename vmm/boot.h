@@ -40,7 +40,7 @@ int boot_linux_set_vcpu(int vcpu_fd, const struct boot_image *img, char *err, si
 #define BOOT_E820_RAM      1
 #define BOOT_E820_RESERVED 2
 struct boot_e820 { uint64_t addr, size; uint32_t type; };
-size_t boot_memmap(struct guest_mem *gm, bool linux_area, struct boot_e820 *map, size_t max);
+size_t boot_memmap(struct guest_mem *gm, struct boot_e820 *map, size_t max);
 
 /* Copy `path` into the top of low guest RAM: the highest page-aligned start
  * with [start, start+size) inside [min, max_end). */

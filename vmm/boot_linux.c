@@ -194,7 +194,8 @@ int boot_load_linux(struct guest_mem *gm, const struct boot_args *a, struct boot
 		put32(zp, BP_EXT_RAMDISK_IMAGE, (uint32_t)(img->initrd_gpa >> 32));
 		put32(zp, BP_EXT_RAMDISK_SIZE, (uint32_t)(img->initrd_size >> 32));
 	}
-	n = boot_memmap(gm, true, e820, BP_E820_MAX);
+	mm_mark_reserved(gm, MDVM_LINUX_AREA_START, MDVM_LINUX_AREA_END - MDVM_LINUX_AREA_START);
+	n = boot_memmap(gm, e820, BP_E820_MAX);
 	zp[BP_E820_ENTRIES] = (uint8_t)n;
 	for (size_t i = 0; i < n; i++) {
 		uint8_t *e = zp + BP_E820_TABLE + 20 * i;
@@ -202,7 +203,6 @@ int boot_load_linux(struct guest_mem *gm, const struct boot_args *a, struct boot
 		put64(e, 8, e820[i].size);
 		put32(e, 16, e820[i].type);
 	}
-	mm_mark_reserved(gm, MDVM_LINUX_AREA_START, MDVM_LINUX_AREA_END - MDVM_LINUX_AREA_START);
 	if (mm_write(gm, MDVM_LINUX_ZERO_PAGE, zp, sizeof(zp)) < 0 ||
 	    mm_write(gm, MDVM_LINUX_CMDLINE, a->cmdline ? a->cmdline : "", clen + 1) < 0 ||
 	    write_paging(gm) < 0) {

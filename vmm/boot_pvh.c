@@ -62,35 +62,47 @@ struct hvm_modlist_entry {
 	uint64_t paddr, size, cmdline_paddr, reserved;
 };
 
-size_t boot_memmap(struct guest_mem *gm, bool linux_area, struct boot_e820 *map, size_t max)
+/* The e820 map, read off the memdesc types: pages typed reserved (boot
+ * structures, ACPI, the legacy BIOS range below 1 MiB) are E820 reserved, all
+ * other guest RAM is E820 RAM. Loaders mark their areas reserved first, so
+ * the guest's map and mdvm's own view cannot disagree. */
+size_t boot_memmap(struct guest_mem *gm, struct boot_e820 *map, size_t max)
 {
-	/* Reserved ranges below 1 MiB, ascending. */
-	const struct mm_range resv[] = {
-		{ MDVM_BOOT_AREA_START, MDVM_BOOT_AREA_END - MDVM_BOOT_AREA_START },
-		{ MDVM_LINUX_AREA_START, linux_area ? MDVM_LINUX_AREA_END - MDVM_LINUX_AREA_START : 0 },
-		{ 0x9fc00, 0x100000 - 0x9fc00 },   /* EBDA, VGA, BIOS: ACPI tables live here */
-	};
 	struct mm_range ram[8];
 	size_t nram = mm_ram_ranges(gm, ram, 8), n = 0;
 
-#define ADD(a, s, t) do { if ((s) > 0 && n < max) \
-	map[n++] = (struct boot_e820){ (a), (s), (t) }; } while (0)
-	for (size_t i = 0; i < nram; i++) {
-		uint64_t a = ram[i].gpa, e = ram[i].gpa + ram[i].size;
-
-		for (size_t r = 0; r < sizeof(resv) / sizeof(resv[0]); r++) {
-			uint64_t rs = resv[r].gpa, re = resv[r].gpa + resv[r].size;
-			if (!resv[r].size || re <= a || rs >= e)
-				continue;
-			if (rs > a)
-				ADD(a, rs - a, BOOT_E820_RAM);
-			ADD(rs, re - rs, BOOT_E820_RESERVED);
-			a = re;
+	/* EBDA, VGA, BIOS; the ACPI tables live here too. */
+	mm_mark_reserved(gm, MDVM_LEGACY_START, MDVM_LEGACY_END - MDVM_LEGACY_START);
+	for (size_t i = 0; i < nram && i < 8; i++) {
+		uint64_t g = ram[i].gpa >> MM_PAGE_SHIFT, end = (ram[i].gpa + ram[i].size) >> MM_PAGE_SHIFT;
+		uint64_t run = g;
+		bool run_resv = false;
+		while (g < end) {
+			memdesc_t md;
+			uint64_t next;
+			bool resv;
+			if (memdesc_region_uniform(gm, g, &md)) {
+				next = (g | (MM_REGION_PAGES - 1)) + 1;
+			} else {
+				md = memdesc_lookup(gm, g);
+				next = g + 1;
+			}
+			if (next > end)
+				next = end;
+			resv = memdesc_type(md) == MEMDESC_RESERVED;
+			if (resv != run_resv && g > run) {
+				if (n < max)
+					map[n++] = (struct boot_e820){ run << MM_PAGE_SHIFT, (g - run) << MM_PAGE_SHIFT,
+								       run_resv ? BOOT_E820_RESERVED : BOOT_E820_RAM };
+				run = g;
+			}
+			run_resv = resv;
+			g = next;
 		}
-		if (e > a)
-			ADD(a, e - a, BOOT_E820_RAM);
+		if (end > run && n < max)
+			map[n++] = (struct boot_e820){ run << MM_PAGE_SHIFT, (end - run) << MM_PAGE_SHIFT,
+						       run_resv ? BOOT_E820_RESERVED : BOOT_E820_RAM };
 	}
-#undef ADD
 	return n;
 }
 
@@ -150,7 +162,8 @@ static int write_start_info(struct guest_mem *gm, const struct boot_args *a, str
 {
 	struct boot_e820 e820[MDVM_BOOT_MEMMAP_MAX];
 	struct hvm_memmap_table_entry map[MDVM_BOOT_MEMMAP_MAX];
-	size_t n = boot_memmap(gm, false, e820, MDVM_BOOT_MEMMAP_MAX);
+	mm_mark_reserved(gm, MDVM_BOOT_AREA_START, MDVM_BOOT_AREA_END - MDVM_BOOT_AREA_START);
+	size_t n = boot_memmap(gm, e820, MDVM_BOOT_MEMMAP_MAX);
 	struct hvm_start_info si = { .magic = HVM_START_MAGIC, .version = 1, .rsdp_paddr = a->rsdp };
 	struct hvm_modlist_entry mod = { 0 };
 	const char *cmdline = a->cmdline;
@@ -172,7 +185,6 @@ static int write_start_info(struct guest_mem *gm, const struct boot_args *a, str
 	si.cmdline_paddr = clen ? MDVM_BOOT_CMDLINE_GPA : 0;
 	si.memmap_paddr = MDVM_BOOT_MEMMAP_GPA;
 	si.memmap_entries = n;
-	mm_mark_reserved(gm, MDVM_BOOT_AREA_START, MDVM_BOOT_AREA_END - MDVM_BOOT_AREA_START);
 	if (mm_write(gm, MDVM_BOOT_INFO_GPA, &si, sizeof(si)) < 0 ||
 	    mm_write(gm, MDVM_BOOT_MEMMAP_GPA, map, n * sizeof(map[0])) < 0 ||
 	    mm_write(gm, MDVM_BOOT_MODLIST_GPA, &mod, sizeof(mod)) < 0 ||

@@ -25,6 +25,10 @@
 #define MDVM_LINUX_CMDLINE      0x18000ULL
 #define MDVM_LINUX_AREA_END     0x19000ULL
 
+/* Legacy firmware range (EBDA, VGA, BIOS), reserved in the e820 map. */
+#define MDVM_LEGACY_START       0x9F000ULL
+#define MDVM_LEGACY_END         0x100000ULL
+
 /* ACPI tables (RSDP first, where Linux also scans for it), in the reserved
  * BIOS area below 1 MiB. */
 #define MDVM_ACPI_GPA           0xE0000ULL
