@@ -1,6 +1,7 @@
 /* Guest memory: creation (backing choice, guest window, memslots), guest
  * RAM access for the rest of mdvm, population/release, statistics. */
 #include "mm_internal.h"
+#include "dirty.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -523,12 +524,32 @@ int mm_populate(struct guest_mem *gm, uint64_t gfn, uint64_t nr, int order)
 	return rc;
 }
 
-int release_range_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
-			 enum memdesc_type new_type)
+/* hugetlb: region r is mapped 2 MiB at a time and holds folios outside
+ * [lo, hi). Its pages in [lo, hi) cannot become unbacked: the guest reaches
+ * their pieces through that mapping without a fault. */
+static bool hugetlb_region_kept(struct guest_mem *gm, uint64_t r, uint64_t lo, uint64_t hi)
+{
+	if (gm->backing != MM_BACKING_HUGETLB || (region_flags(gm, r) & REGION_DEMOTED))
+		return false;
+	struct hpage *home = pool_region_home(gm, r, NULL);
+	if (!home || !home->mapped)
+		return false;
+	for (uint64_t g = r << REGION_SHIFT; g < (r + 1) << REGION_SHIFT; g++)
+		if ((g < lo || g >= hi) && memdesc_folio(mdt_get(&gm->md, g)))
+			return true;
+	return false;
+}
+
+/* *freed (may be NULL) is increased by the host memory given back: every
+ * released folio on memfd/anon/thp and demoted hugetlb regions, whole 2 MiB
+ * pages on hugetlb (a partly released hugepage stays allocated). */
+static int release_range_freed_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
+				      enum memdesc_type new_type, uint64_t *freed)
 {
 	if (new_type != MEMDESC_UNBACKED && new_type != MEMDESC_BALLOONED)
 		return -EINVAL;
-	uint64_t end = gfn + nr;
+	uint64_t end = gfn + nr, kept_region = UINT64_MAX, bytes = 0, live0 = gm->pool.live;
+	bool hugetlb = gm->backing == MM_BACKING_HUGETLB;
 	int ret = 0;
 	if (end > gm->md.npages)
 		end = gm->md.npages;
@@ -539,13 +560,26 @@ int release_range_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
 			g++;
 			continue;
 		}
+		uint64_t r = g >> REGION_SHIFT;
+		if (new_type == MEMDESC_UNBACKED && r != kept_region &&
+		    hugetlb_region_kept(gm, r, gfn, end))
+			kept_region = r;
+		if (r == kept_region) {
+			/* Not split for nothing: the folio stays as it is. */
+			ret = -EOPNOTSUPP;
+			g = f->gfn + folio_nr_pages(f);
+			continue;
+		}
 		int rc = folio_split_around(gm, f, gfn, end);
 		if (rc)
 			return rc;
 		f = memdesc_folio(mdt_get(&gm->md, g));
 		uint64_t next = f->gfn + folio_nr_pages(f);
+		bool counted = !hugetlb || f->hpage == SIDE_HPAGE;
 		if ((rc = folio_release_locked(gm, f, new_type, gfn, end)))
 			ret = rc;
+		else if (counted)
+			bytes += (next - g) << MM_PAGE_SHIFT;
 		g = next;
 	}
 	/* ...then pages without host memory change type. */
@@ -553,15 +587,43 @@ int release_range_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
 		enum memdesc_type t = memdesc_type(mdt_get(&gm->md, g));
 		if ((t != MEMDESC_UNBACKED && t != MEMDESC_BALLOONED) || t == new_type)
 			continue;
-		struct hpage *home = gm->backing == MM_BACKING_HUGETLB
+		struct hpage *home = hugetlb && !(region_flags(gm, g >> REGION_SHIFT) & REGION_DEMOTED)
 			? pool_region_home(gm, g >> REGION_SHIFT, NULL) : NULL;
 		if (home && home->mapped && new_type == MEMDESC_UNBACKED) {
-			ret = -EOPNOTSUPP;   /* inside a still mapped hugetlb region */
+			/* A ballooned page of a still mapped hugetlb region (deflate,
+			 * reset): the guest reaches its piece without a fault, so it
+			 * must be RAM again. Its piece is free in the hugepage and
+			 * was zeroed when it was ballooned: place it back as a 4 KiB
+			 * folio, keeping what is there (without MUST_TELL_HOST the
+			 * guest may use a page once it asked to deflate it, virtio
+			 * 1.2 §5.5.6.1). */
+			int rc = populate_locked(gm, g, 1, 0, MEMDESC_FOLIO);
+			if (rc)
+				ret = rc;
 			continue;
 		}
 		mdt_set_range(gm, g, 1, memdesc_make(new_type, NULL));
 	}
+	if (hugetlb && gm->pool.live < live0)
+		bytes += (live0 - gm->pool.live) * HPAGE_SIZE;
+	if (freed)
+		*freed += bytes;
 	return ret;
+}
+
+int release_range_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
+			 enum memdesc_type new_type)
+{
+	return release_range_freed_locked(gm, gfn, nr, new_type, NULL);
+}
+
+/* A page that changed type (released, replaced) is not a guest write, but a
+ * migration in progress must send its new state: record it as dirty. */
+static void record_changed(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
+{
+	struct dirty_tracker *t = dirty_tracker_of(gm);
+	if (t && nr)
+		dirty_tracker_record(t, gfn, nr);
 }
 
 long mm_unpoison_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
@@ -601,15 +663,34 @@ long mm_unpoison_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
 		}
 	}
 	pthread_mutex_unlock(&gm->lock);
+	if (n)
+		record_changed(gm, gfn, end - gfn);
 	return rc ? rc : n;
+}
+
+int mm_release_range_freed(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
+			   enum memdesc_type new_type, uint64_t *freed)
+{
+	uint64_t before[MEMDESC_NR_TYPES];
+	if (gfn >= gm->md.npages)
+		return new_type == MEMDESC_UNBACKED || new_type == MEMDESC_BALLOONED ? 0 : -EINVAL;
+	if (nr > gm->md.npages - gfn)
+		nr = gm->md.npages - gfn;
+	pthread_mutex_lock(&gm->lock);
+	memcpy(before, gm->pages, sizeof(before));
+	int rc = release_range_freed_locked(gm, gfn, nr, new_type, freed);
+	bool changed = memcmp(before, gm->pages, sizeof(before)) != 0;
+	pthread_mutex_unlock(&gm->lock);
+	slots_flush(gm);   /* a deflated hugetlb piece may have become a folio */
+	/* After the change: a sender that takes the bit sees the new type. */
+	if (changed)
+		record_changed(gm, gfn, nr);
+	return rc;
 }
 
 int mm_release_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr, enum memdesc_type new_type)
 {
-	pthread_mutex_lock(&gm->lock);
-	int rc = release_range_locked(gm, gfn, nr, new_type);
-	pthread_mutex_unlock(&gm->lock);
-	return rc;
+	return mm_release_range_freed(gm, gfn, nr, new_type, NULL);
 }
 
 /* ---- creation */

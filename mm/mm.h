@@ -212,8 +212,16 @@ int memdesc_release(struct guest_mem *gm, uint64_t gfn, enum memdesc_type new_ty
 #define MM_ORDER_DEFAULT (-1)
 int mm_populate(struct guest_mem *gm, uint64_t gfn, uint64_t nr, int order);
 /* Release [gfn, gfn+nr): folios are split as needed, host memory returned,
- * frames become new_type (UNBACKED or BALLOONED). */
+ * frames become new_type (UNBACKED or BALLOONED). hugetlb: a ballooned page
+ * of a still mapped 2 MiB region made UNBACKED gets its piece back as a
+ * 4 KiB folio; folios there cannot become UNBACKED (-EOPNOTSUPP, left as
+ * they are, the rest of the range is released). Changed frames are recorded
+ * in the dirty tracker (a migration sends their new type). */
 int mm_release_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr, enum memdesc_type new_type);
+/* The same; *freed (not NULL) is increased by the host memory actually given
+ * back in bytes (hugetlb: whole 2 MiB pages and demoted regions' pages). */
+int mm_release_range_freed(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
+			   enum memdesc_type new_type, uint64_t *freed);
 
 /* Replace the poisoned frames of [gfn, gfn+nr) with fresh never-touched RAM
  * (system reset, as QEMU does): they read as zero and get new host memory on

@@ -260,6 +260,49 @@ START_TEST(take_stops_early_and_bounds)
 }
 END_TEST
 
+/* Releasing pages (balloon inflate, free page reporting) and replacing
+ * poisoned ones change a page without a guest write: the frames are
+ * recorded so a migration sends their new type. Nothing changed, nothing
+ * recorded. */
+START_TEST(released_frames_recorded)
+{
+	char err[128];
+	struct dirty_log *l = dirty_log_open(trk, err, sizeof(err));
+	struct runs r;
+
+	ck_assert_int_eq(mm_populate(gm, 2048, 512, 9), 0);
+	dirty_log_sync(l);
+	take_all(l);
+	ck_assert_int_eq(mm_release_range(gm, 2058, 4, MEMDESC_BALLOONED), 0);
+	r = take_all(l);
+	ck_assert_int_eq(r.cnt, 1);
+	ck_assert_uint_eq(r.g[0], 2058); ck_assert_uint_eq(r.n[0], 4);
+	ck_assert_int_eq(mm_release_range(gm, 2058, 4, MEMDESC_BALLOONED), 0);   /* already */
+	ck_assert_int_eq(take_all(l).cnt, 0);
+	/* reported (to unbacked), and deflated */
+	ck_assert_int_eq(mm_release_range(gm, 2100, 2, MEMDESC_UNBACKED), 0);
+	ck_assert_int_eq(mm_release_range(gm, 2058, 4, MEMDESC_UNBACKED), 0);
+	r = take_all(l);
+	ck_assert_int_eq(r.cnt, 2);
+	ck_assert_uint_eq(r.g[0], 2058); ck_assert_uint_eq(r.n[0], 4);
+	ck_assert_uint_eq(r.g[1], 2100); ck_assert_uint_eq(r.n[1], 2);
+	/* a sync does not lose them (nothing else dirty) */
+	ck_assert_int_eq(mm_release_range(gm, 2200, 1, MEMDESC_BALLOONED), 0);
+	dirty_log_sync(l);
+	ck_assert(dirty_log_test(l, 2200, 1));
+	take_all(l);
+	/* poisoned -> unbacked (reset) */
+	ck_assert_int_eq(memdesc_memory_failure(gm, 2300), 0);
+	dirty_log_sync(l);
+	take_all(l);
+	ck_assert_int_eq(mm_unpoison_range(gm, 2300, 1), 1);
+	r = take_all(l);
+	ck_assert_int_eq(r.cnt, 1);
+	ck_assert_uint_eq(r.g[0], 2300); ck_assert_uint_eq(r.n[0], 1);
+	dirty_log_close(l);
+}
+END_TEST
+
 Suite *dirty_suite(void)
 {
 	Suite *s = suite_create("dirty");
@@ -272,6 +315,7 @@ Suite *dirty_suite(void)
 	tcase_add_test(tc, own_writes_aggregate_on_folios);
 	tcase_add_test(tc, two_consumers);
 	tcase_add_test(tc, take_stops_early_and_bounds);
+	tcase_add_test(tc, released_frames_recorded);
 	suite_add_tcase(s, tc);
 	return s;
 }

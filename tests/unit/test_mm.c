@@ -762,6 +762,73 @@ START_TEST(test_hugetlb)
 }
 END_TEST
 
+/* hugetlb deflate of part of a 2 MiB page (issue: ballooned pages left
+ * ballooned after deflate): a ballooned page of a still mapped hugetlb
+ * region becomes a 4 KiB folio again on its own piece, with what the piece
+ * holds (zeroed at inflate, or what the guest wrote after asking to
+ * deflate); folios there stay RAM when asked to become unbacked, unsplit;
+ * only memory really given back counts as freed. */
+START_TEST(test_hugetlb_partial_deflate)
+{
+	struct mm_config c = { .ram_size = 8 * MiB, .backing = MM_BACKING_HUGETLB, .quiet = true };
+	char err[256];
+	struct guest_mem *gm = mm_create(&c, NULL, NULL, err, sizeof(err));
+	if (!gm) {
+		ck_assert_ptr_nonnull(strstr(err, "hugetlb"));
+		return;   /* no hugepages here: skip */
+	}
+	volatile uint8_t *base = mm_guest_base(gm);
+	uint64_t g0 = 2 * MiB / PG, freed = 0;
+	for (uint64_t g = g0; g < g0 + 512; g++)
+		base[g * PG] = (uint8_t)(g | 1);
+	struct mm_stats st0, st;
+	mm_query_stats(gm, &st0);
+	/* inflate the top 256 pages: the hugepage stays (half of it is in use) */
+	ck_assert_int_eq(mm_release_range_freed(gm, g0 + 256, 256, MEMDESC_BALLOONED, &freed), 0);
+	ck_assert_uint_eq(freed, 0);
+	mm_query_stats(gm, &st);
+	ck_assert_uint_eq(st.hugepages_total, st0.hugepages_total);
+	ck_assert_uint_eq(st.pages[MEMDESC_BALLOONED], 256);
+	ck_assert_uint_eq(base[(g0 + 300) * PG], 0);   /* zeroed */
+	/* folios of the mapped region cannot become unbacked: left whole */
+	ck_assert_int_eq(mm_release_range(gm, g0 + 10, 1, MEMDESC_UNBACKED), -EOPNOTSUPP);
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g0 + 10)), MEMDESC_FOLIO);
+	ck_assert_uint_eq(folio_order(folio_of(gm, g0 + 10)), 8);
+	/* deflate from a target that is not a multiple of 2 MiB: 0x1f00-style */
+	base[(g0 + 261) * PG] = 0x5a;   /* the guest used it once it asked for it */
+	ck_assert_int_eq(mm_release_range(gm, g0 + 256, 16, MEMDESC_UNBACKED), 0);
+	for (uint64_t g = g0 + 256; g < g0 + 272; g++) {
+		ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g)), MEMDESC_FOLIO);
+		ck_assert_ptr_nonnull(folio_of(gm, g));
+	}
+	ck_assert_uint_eq(base[(g0 + 256) * PG], 0);
+	ck_assert_uint_eq(base[(g0 + 261) * PG], 0x5a);
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g0 + 272)), MEMDESC_BALLOONED);
+	mm_query_stats(gm, &st);
+	ck_assert_uint_eq(st.pages[MEMDESC_BALLOONED], 240);
+	check_folios(gm, 0, 8 * MiB / PG);
+	/* written data survives; mm_write/mm_read go through the new folio */
+	uint8_t v = 0x77, r = 0;
+	ck_assert_int_eq(mm_write(gm, (g0 + 262) * PG + 5, &v, 1), 0);
+	ck_assert_int_eq(mm_read(gm, (g0 + 262) * PG + 5, &r, 1), 0);
+	ck_assert_uint_eq(r, 0x77);
+	ck_assert_uint_eq(base[(g0 + 1) * PG], (uint8_t)((g0 + 1) | 1));
+	/* the whole region ballooned: the hugepage goes back, and counts */
+	freed = 0;
+	ck_assert_int_eq(mm_release_range_freed(gm, g0, 512, MEMDESC_BALLOONED, &freed), 0);
+	ck_assert_uint_eq(freed, 2 * MiB);
+	mm_query_stats(gm, &st);
+	ck_assert_uint_eq(st.hugepages_total, st0.hugepages_total - 1);
+	/* deflate of an unmapped region: plain unbacked, zero on touch */
+	ck_assert_int_eq(mm_release_range(gm, g0, 512, MEMDESC_UNBACKED), 0);
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g0 + 300)), MEMDESC_UNBACKED);
+	ck_assert_uint_eq(base[(g0 + 300) * PG], 0);
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g0 + 300)), MEMDESC_FOLIO);
+	check_folios(gm, 0, 8 * MiB / PG);
+	mm_destroy(gm);
+}
+END_TEST
+
 /* Lock-free lookups and mark_dirty on other threads while the main thread
  * splits, merges and moves the same folios. */
 struct race { struct guest_mem *gm; uint64_t g0; volatile int stop; uint64_t bad; };
@@ -837,6 +904,7 @@ Suite *mm_suite(void)
 	tcase_add_test(tc, test_lazy_slots);
 	tcase_add_test(tc, test_one_tebibyte);
 	tcase_add_test(tc, test_hugetlb);
+	tcase_add_test(tc, test_hugetlb_partial_deflate);
 	tcase_add_test(tc, test_concurrent_lookup);
 	suite_add_tcase(s, tc);
 	return s;
