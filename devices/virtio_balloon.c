@@ -6,8 +6,10 @@
  * Inflated pages become memdesc BALLOONED and lose their host memory
  * (mm_release_range: punch hole / MADV_REMOVE / MADV_DONTNEED by backing;
  * on hugetlb mm/ keeps the freed 4 KiB pieces per hugepage for compaction).
- * Deflated pages become UNBACKED: zero on the first touch. Reported free
- * pages become UNBACKED at once (the guest keeps them). */
+ * Deflated pages become UNBACKED: zero on the first touch (hugetlb: a page
+ * whose 2 MiB page is still mapped gets its zeroed piece back as RAM).
+ * Reported free pages become UNBACKED at once (the guest keeps them); on
+ * hugetlb a page whose 2 MiB page stays mapped is left as it is. */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -63,43 +65,56 @@ static bool gfn_is_ram(struct virtio_balloon *b, uint64_t gfn)
 	return t != MEMDESC_MMIO;
 }
 
-/* Release [gfn, gfn+nr) to `type`, counting what had host memory. Returns
- * the pages that changed type, or -errno. */
-static int64_t release_run(struct virtio_balloon *b, uint64_t gfn, uint64_t nr, enum memdesc_type type)
+static uint64_t count_type(struct virtio_balloon *b, uint64_t gfn, uint64_t nr, enum memdesc_type type)
 {
-	uint64_t backed = 0, changed = 0;
+	uint64_t n = 0;
+
+	for (uint64_t i = 0; i < nr; i++)
+		n += memdesc_type(memdesc_lookup(b->gm, gfn + i)) == type;
+	return n;
+}
+
+/* Release [gfn, gfn+nr) to `type`; released_bytes counts the host memory
+ * that really went back (on hugetlb only whole 2 MiB pages). 0 or -errno:
+ * the part mm/ could do is done either way. -EOPNOTSUPP is not logged: a
+ * hugetlb page whose 2 MiB page stays mapped cannot become unbacked (a
+ * reported page stays RAM, reporting is a hint). */
+static int release_run(struct virtio_balloon *b, uint64_t gfn, uint64_t nr, enum memdesc_type type)
+{
+	uint64_t freed = 0;
 	int r;
 
 	if (!nr)
 		return 0;
-	for (uint64_t i = 0; i < nr; i++) {
-		enum memdesc_type t = memdesc_type(memdesc_lookup(b->gm, gfn + i));
-		backed += t == MEMDESC_FOLIO || t == MEMDESC_RESERVED;
-		changed += t != type;
-	}
-	r = mm_release_range(b->gm, gfn, nr, type);
-	if (r < 0) {
+	r = mm_release_range_freed(b->gm, gfn, nr, type, &freed);
+	b->released_bytes += freed;
+	if (r < 0 && r != -EOPNOTSUPP)
 		pr_warn("virtio-balloon: releasing guest pages 0x%" PRIx64 "+%" PRIu64 " failed: %s",
 			gfn, nr, strerror(-r));
-		return r;
-	}
-	b->released_bytes += backed * MM_PAGE_SIZE;
-	return (int64_t)changed;
+	return r;
 }
 
-/* Account a run moved into (inflate) or out of (deflate) the balloon. */
+/* Account a run moved into (inflate) or out of (deflate) the balloon: the
+ * pages that are ballooned after the call and were not before, or the
+ * reverse. A page the driver took back is never left ballooned by mm/
+ * (hugetlb: it becomes a 4 KiB folio); if mm/ failed, the count says so. */
 static void balloon_run(struct virtio_balloon *b, uint64_t gfn, uint64_t nr, bool inflate)
 {
-	int64_t n = release_run(b, gfn, nr, inflate ? MEMDESC_BALLOONED : MEMDESC_UNBACKED);
+	uint64_t before, after;
 
-	if (n <= 0)
+	if (!nr)
 		return;
-	if (inflate) {
-		b->inflated += n;
-		b->ballooned += n;
-	} else {
+	before = count_type(b, gfn, nr, MEMDESC_BALLOONED);
+	release_run(b, gfn, nr, inflate ? MEMDESC_BALLOONED : MEMDESC_UNBACKED);
+	after = count_type(b, gfn, nr, MEMDESC_BALLOONED);
+	if (inflate && after > before) {
+		b->inflated += after - before;
+		b->ballooned += after - before;
+	} else if (!inflate && before > after) {
+		uint64_t n = before - after;
+
 		b->deflated += n;
-		b->ballooned -= (uint64_t)n < b->ballooned ? (uint64_t)n : b->ballooned;
+		b->ballooned -= n < b->ballooned ? n : b->ballooned;
 	}
 }
 
@@ -192,8 +207,10 @@ static int balloon_stats(struct virtio_balloon *b, struct vq_elem *e)
 			uint16_t tag;
 			uint64_t val;
 
-			if (mm_read(b->gm, e->buf[i].gpa + off, rec, sizeof(rec)) < 0)
+			if (mm_read(b->gm, e->buf[i].gpa + off, rec, sizeof(rec)) < 0) {
+				virtio_mmio_needs_reset(b->t, "cannot read the stats buffer");
 				return -1;
+			}
 			memcpy(&tag, rec, 2);
 			memcpy(&val, rec + 2, 8);
 			if (tag < VIRTIO_BALLOON_S_NR) {   /* unknown tags are ignored (§5.5.6.3) */
@@ -220,9 +237,19 @@ static int balloon_report(struct virtio_balloon *b, struct vq_elem *e)
 			virtio_mmio_needs_reset(b->t, why);
 			return -1;
 		}
-		/* vq_pop checked the range is guest RAM. */
-		if (release_run(b, v->gpa >> MM_PAGE_SHIFT, v->len >> MM_PAGE_SHIFT, MEMDESC_UNBACKED) < 0)
-			return -1;
+		/* vq_pop checked the range is guest RAM. Reporting is a hint:
+		 * what mm/ cannot release stays as it is, and the buffer always
+		 * goes back. A ballooned page is the balloon's, not free memory:
+		 * it stays ballooned (and counted). */
+		uint64_t g = v->gpa >> MM_PAGE_SHIFT, end = g + (v->len >> MM_PAGE_SHIFT);
+		while (g < end) {
+			uint64_t s = g;
+			while (g < end && memdesc_type(memdesc_lookup(b->gm, g)) != MEMDESC_BALLOONED)
+				g++;
+			release_run(b, s, g - s, MEMDESC_UNBACKED);
+			while (g < end && memdesc_type(memdesc_lookup(b->gm, g)) == MEMDESC_BALLOONED)
+				g++;
+		}
 		b->reported_bytes += v->len;
 	}
 	return 0;
