@@ -250,6 +250,17 @@ int boot_load_pvh(struct guest_mem *gm, const struct boot_args *a, struct boot_i
 		}
 		if (ph->p_type != PT_LOAD || ph->p_memsz == 0)
 			continue;
+		uint64_t seg_end = ph->p_paddr + ph->p_memsz;
+		if (ph->p_filesz <= ph->p_memsz && seg_end > ph->p_paddr && seg_end <= MDVM_MMIO_HOLE_START &&
+		    !mm_gpa_to_hva(gm, ph->p_paddr, ph->p_memsz)) {
+			/* Fits below the hole, just not in this much RAM. */
+			BERR("kernel '%s': guest memory too small: segment %d needs [0x%llx-0x%llx), RAM "
+			     "ends at 0x%llx; give --memory of at least %llu MiB", path, i,
+			     (unsigned long long)ph->p_paddr, (unsigned long long)seg_end,
+			     (unsigned long long)mm_ram_size(gm),
+			     (unsigned long long)((seg_end + (64 << 20)) >> 20));
+			goto out;
+		}
 		if (ph->p_filesz > ph->p_memsz || ph->p_paddr + ph->p_memsz < ph->p_paddr ||
 		    !mm_gpa_to_hva(gm, ph->p_paddr, ph->p_memsz)) {
 			BERR("kernel '%s': segment %d [0x%llx-0x%llx) is not in guest RAM", path, i,

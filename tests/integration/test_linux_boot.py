@@ -120,3 +120,32 @@ def test_bzimage_boot_structures(kernel, tmp_path):
         assert vm.qmp.cmd("query-status")["status"] == "running"
     finally:
         vm.stop()
+
+
+def test_pvh_kernel_too_little_memory(tmp_path):
+    """An ELF whose segments lie below the MMIO hole but past the end of RAM
+    asks for more --memory, as the bzImage path does (the test guest, its
+    load addresses moved up by 16 MiB)."""
+    from mdvmtest import GUEST
+    data = bytearray(open(GUEST, "rb").read())
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    top = 0
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        ptype, = struct.unpack_from("<I", data, off)
+        if ptype == 1:   # PT_LOAD: p_vaddr, p_paddr at +0x10, +0x18; p_memsz at +0x28
+            for f in (0x10, 0x18):
+                v, = struct.unpack_from("<Q", data, off + f)
+                struct.pack_into("<Q", data, off + f, v + (16 << 20))
+            paddr, = struct.unpack_from("<Q", data, off + 0x18)
+            memsz, = struct.unpack_from("<Q", data, off + 0x28)
+            top = max(top, paddr + memsz)
+    p = tmp_path / "high.elf"
+    p.write_bytes(bytes(data))
+    r = run_mdvm("run", "--kernel", str(p), "--memory", "8M", "--console", "none")
+    assert r.returncode == 1, r.stderr
+    assert "guest memory too small" in r.stderr and "RAM ends at 0x800000" in r.stderr, r.stderr
+    need = int(r.stderr.split("at least ")[1].split()[0])
+    assert need << 20 >= top, (need, top)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
