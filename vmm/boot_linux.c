@@ -18,6 +18,7 @@
 
 /* Setup header fields: offsets in the file and in the zero page alike. */
 #define HDR_SETUP_SECTS    0x1f1
+#define HDR_SYSSIZE        0x1f4   /* protected-mode code, 16-byte units */
 #define HDR_BOOT_FLAG      0x1fe
 #define HDR_JUMP           0x200
 #define HDR_HEADER         0x202
@@ -142,6 +143,12 @@ int boot_load_linux(struct guest_mem *gm, const struct boot_args *a, struct boot
 		goto out;
 	}
 	ksize = st.st_size - koff;
+	if (get32(p, HDR_SYSSIZE) * 16ULL > ksize) {
+		BERR("kernel '%s': truncated bzImage (the header says %llu bytes of kernel after the "
+		     "setup, the file has %llu)", path, get32(p, HDR_SYSSIZE) * 16ULL,
+		     (unsigned long long)ksize);
+		goto out;
+	}
 	load = get64(p, HDR_PREF_ADDRESS);
 	if (load < 0x100000)
 		load = 0x100000;

@@ -58,6 +58,12 @@ def test_bzimage_header_errors(kernel, tmp_path):
     trunc.write_bytes(open(kernel, "rb").read()[:40 * 512])
     r = run_mdvm("run", "--kernel", str(trunc), "--memory", "256M", "--console", "none")
     assert r.returncode == 1 and "truncated bzImage" in r.stderr, r.stderr
+    # Cut in the middle of the compressed kernel: the header's syssize says so.
+    data = open(kernel, "rb").read()
+    cut = tmp_path / "cut"
+    cut.write_bytes(data[:len(data) // 2])
+    r = run_mdvm("run", "--kernel", str(cut), "--memory", "256M", "--console", "none")
+    assert r.returncode == 1 and "truncated bzImage (the header says" in r.stderr, r.stderr
 
 
 def test_cmdline_longer_than_kernel_accepts(kernel):
