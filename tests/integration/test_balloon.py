@@ -49,6 +49,10 @@ def stats(vm):
     return vm.qmp.cmd("query-balloon-stats")
 
 
+def vm_pages(vm):
+    return vm.qmp.cmd("query-memory")["pages"]
+
+
 @pytest.mark.parametrize("backing", ["memfd", "anon", "thp"])
 def test_inflate_half_returns_host_memory(vm_factory, backing):
     vm = vm_factory(memory="64M", extra=["--backing", backing]).start()
@@ -100,6 +104,89 @@ def test_inflate_hugetlb_tracks_pieces(vm_factory):
     balloon_to(vm, MEM)
     assert vm.guest("fill base=40M size=1M gen=2")[0] == 0
     assert vm.guest("verify base=40M size=1M gen=2")[0] == 0
+
+
+def hugetlb_vm(vm_factory, memory, extra=()):
+    """A hugetlb-backed VM, or skip when the host has no hugepages for it
+    (other tests and processes share the 40 here)."""
+    try:
+        vm = vm_factory(memory=memory, extra=["--backing", "hugetlb", "--reserve-hugepages"]
+                        + list(extra)).start(wait_banner="--incoming" not in extra)
+    except RuntimeError as e:
+        pytest.skip("no hugetlb backing here: %s" % e)
+    if "backing: hugetlb" not in vm.stderr():
+        pytest.skip("no hugetlb backing here: " + vm.stderr().splitlines()[0])
+    return vm
+
+
+def migrate(src, dst, uri, timeout=60):
+    src.qmp.cmd("migrate", uri=uri)
+    deadline = time.time() + timeout
+    while True:
+        r = src.qmp.cmd("query-migrate")
+        if r.get("status") in ("completed", "failed", "cancelled"):
+            break
+        assert time.time() < deadline, r
+        time.sleep(0.02)
+    assert r["status"] == "completed", (r, src.stderr(), dst.stderr())
+    dst.qmp.wait_event("RESUME")
+    return r
+
+
+def test_hugetlb_partial_deflate_survives_migration(vm_factory, tmp_path):
+    """hugetlb: deflating back from a target that is not a multiple of 2 MiB
+    (32M -> 31M -> 32M: 256 pages of the top hugepage, which stays mapped).
+    The deflated pages must be RAM again (not ballooned: a migration would
+    send them as markers and the destination would read zeros)."""
+    src = hugetlb_vm(vm_factory, "32M")
+    populate(src, end=32 * MiB)
+    balloon_to(src, 31 * MiB)
+    assert stats(src)["ballooned-pages"] == 256
+    text = balloon_to(src, 32 * MiB)
+    assert "target=0 actual=0" in text, text
+    s = stats(src)
+    assert s["ballooned-pages"] == 0 and s["deflated-pages"] == 256, s
+    # The top hugepage kept its other half: nothing went back to the host.
+    assert s["released-bytes"] == 0, s
+    assert vm_pages(src)["ballooned"] == 0
+    assert "failed" not in src.stderr(), src.stderr()
+    assert src.guest("fill base=30M size=2M gen=11")[0] == 0
+    assert src.guest("verify base=30M size=2M gen=11") == (0, "verify: ok pages=512")
+    uri = free_port_path(tmp_path)
+    dst = hugetlb_vm(vm_factory, "32M", extra=["--incoming", uri])
+    migrate(src, dst, uri)
+    assert dst.guest("verify base=30M size=2M gen=11") == (0, "verify: ok pages=512")
+    assert stats(dst)["ballooned-pages"] == 0
+    assert vm_pages(dst)["ballooned"] == 0
+
+
+def test_hugetlb_reporting_partial_hugepage(vm_factory):
+    """hugetlb: reporting 1 MiB of a 2 MiB page cannot give anything back
+    (the page stays mapped); the buffer still comes back, the guest's memory
+    is intact, and only really freed memory counts as released."""
+    vm = hugetlb_vm(vm_factory, "32M")
+    assert vm.guest("fill base=16M size=4M gen=4")[0] == 0
+    before = host_mem(vm.proc.pid)
+    st, text = vm.guest("report-free base=16M size=1M")
+    assert (st, text) == (0, "report-free: ok pages=256"), text
+    s = stats(vm)
+    assert s["reported-bytes"] == 1 * MiB and s["released-bytes"] == 0 and not s["needs-reset"], s
+    assert "failed" not in vm.stderr(), vm.stderr()
+    # The rest of the hugepage untouched; the reported part may read as zero
+    # or as before (a hint), and works as memory again.
+    assert vm.guest("verify base=17M size=3M gen=4") == (0, "verify: ok pages=768")
+    assert vm.guest("fill base=16M size=1M gen=5")[0] == 0
+    assert vm.guest("verify base=16M size=1M gen=5") == (0, "verify: ok pages=256")
+    # A whole hugepage reported goes back to the host, and counts.
+    st, text = vm.guest("report-free base=18M size=2M")
+    assert (st, text) == (0, "report-free: ok pages=512"), text
+    s = stats(vm)
+    assert s["released-bytes"] == 2 * MiB, s
+    assert before - host_mem(vm.proc.pid) >= 2 * MiB * 0.9
+    assert vm.pmemsave(18 * MiB, 2 * MiB) == bytes(2 * MiB)
+    assert vm.guest("fill base=18M size=2M gen=6")[0] == 0
+    assert vm.guest("verify base=16M size=1M gen=5") == (0, "verify: ok pages=256")
+    assert vm.guest("verify base=18M size=2M gen=6") == (0, "verify: ok pages=512")
 
 
 def test_balloon_while_walking(vm_factory):
