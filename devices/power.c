@@ -4,6 +4,7 @@
 #include "devices.h"
 #include "../vmm/bus.h"
 #include "../vmm/layout.h"
+#include "../vmm/util.h"
 #include "../vmm/vm.h"
 
 static void debug_exit_io(void *opaque, struct vcpu *vcpu, uint64_t off, uint8_t *data,
@@ -37,8 +38,10 @@ static void reset_io(void *opaque, struct vcpu *vcpu, uint64_t off, uint8_t *dat
 		memset(data, 0, len);
 		return;
 	}
-	if (data[0] & 0x04)
+	if (data[0] & 0x04) {
+		pr_info("guest reset through port 0xcf9 (ACPI reset register)");
 		vm_guest_reset(opaque);
+	}
 }
 
 int power_create(struct vm *vm)

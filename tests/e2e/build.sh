@@ -48,7 +48,12 @@ fi
 
 [ -z "$fetch_only" ] || { echo "$cache"; exit 0; }
 
-stamp_inputs() { cat "$here"/l2-init "$here"/l1-init "$here"/memcheck.c "$here"/poison.c "$mdvm" "$vmlinuz" | md5sum | cut -c1-32; }
+# Everything the images are made of: this script (module lists), the inits,
+# the guest programs, mdvm and the shared libraries it loads, the kernel.
+stamp_inputs() {
+	cat "$here"/build.sh "$here"/l2-init "$here"/l1-init "$here"/memcheck.c "$here"/poison.c "$mdvm" "$vmlinuz" \
+		$(ldd "$mdvm" | awk '/=>/ {print $3} /ld-linux/ {print $1}') | md5sum | cut -c1-32
+}
 stamp=$(stamp_inputs)
 if [ -f l1-initrd.cpio ] && [ "$(cat stamp 2>/dev/null)" = "$stamp" ]; then
 	echo "$cache"; exit 0
