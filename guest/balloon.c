@@ -2,9 +2,11 @@
  *
  * The guest has no page allocator, so the balloon takes RAM pages from the
  * top of guest memory down: the ballooned pages are the RAM pages in
- * [bal_low, ram_top). The guest never touches them: walk stops below
- * bal_low, fill/verify refuse ranges that overlap it. Deflated pages come
- * back zeroed (the host released them). docs/test-guest.md lists the commands. */
+ * [bal_low, ram_top) (with stride=N every Nth of them, counted down from
+ * the top, so host hugepages end up partly ballooned). The guest never
+ * touches [bal_low, ram_top) while it holds pages: walk stops below bal_low,
+ * fill/verify refuse ranges that overlap it. Deflated pages come back
+ * zeroed (the host released them). docs/test-guest.md lists the commands. */
 #include "guest.h"
 #include "virtio.h"
 
@@ -26,6 +28,8 @@ static struct gvdev dev;
 static bool have_dev;
 static int q_stats = -1, q_report = -1;
 static bool auto_mode;
+static unsigned stride = 1;       /* balloon every stride-th page from the top */
+static bool inflight;             /* auto mode: an inflate request the device has not used yet */
 
 static const struct hvm_memmap_entry *map;
 static unsigned map_n;
@@ -85,6 +89,41 @@ static uint64_t ram_page_from(uint64_t a)
 	return best;
 }
 
+/* stride > 1: the pages the balloon may take are ram_top - PAGE - j * stride * PAGE. */
+static uint64_t cand_skip(uint64_t p)   /* pages from p down to the next candidate */
+{
+	return ((ram_top - PAGE - p) / PAGE) % stride;
+}
+
+/* The highest candidate RAM page below a, or 0. */
+static uint64_t cand_below(uint64_t a)
+{
+	uint64_t p = a, k;
+
+	while ((p = ram_page_below(p)) != 0) {
+		if (!(k = cand_skip(p)))
+			return p;
+		if (p < k * PAGE)
+			return 0;
+		p = p - k * PAGE + PAGE;   /* ram_page_below then tries p - k pages */
+	}
+	return 0;
+}
+
+/* The lowest candidate RAM page at or above a, or ram_top. */
+static uint64_t cand_from(uint64_t a)
+{
+	uint64_t p = a, k;
+
+	while ((p = ram_page_from(p)) < ram_top) {
+		k = cand_skip(p);
+		if (!k)
+			return p;
+		p += (stride - k) * PAGE;
+	}
+	return ram_top;
+}
+
 uint64_t balloon_clip(uint64_t base, uint64_t end)
 {
 	if (end > bal_low)
@@ -137,6 +176,7 @@ static bool ensure_ready(char *err, unsigned errlen)
 		return false;
 	}
 	have_dev = true;
+	inflight = false;
 	if (!virtio_init(&dev, (1ULL << F_STATS_VQ) | (1ULL << F_DEFLATE_ON_OOM) | (1ULL << F_REPORTING),
 			 err, errlen))
 		return false;
@@ -162,22 +202,62 @@ static bool ensure_ready(char *err, unsigned errlen)
 	return true;
 }
 
-static bool send_pfns(unsigned q, unsigned n)
+static bool send_pfns(unsigned q, unsigned n, bool async)
 {
 	uint64_t a = (uintptr_t)pfns;
 	uint32_t l = n * 4;
 	uint16_t f = 0;
 
+	if (async) {
+		inflight = virtio_post(&dev, q, &a, &l, &f, 1);
+		return inflight;
+	}
 	return virtio_request(&dev, q, &a, &l, &f, 1);
 }
 
-/* Give up to n more pages (from bal_low down). Returns pages given, -1 on error. */
-static int inflate(unsigned n)
+/* An inflate posted in auto mode: 1 the device used it (or none was
+ * pending; `actual` is updated), 0 still pending (wait=false), -1 device
+ * error. */
+static int reap(bool wait)
+{
+	uint64_t t0 = guest_rdtsc();
+
+	if (!inflight)
+		return 1;
+	for (unsigned i = 1; !virtio_done(&dev, 0); i++) {
+		if (!wait)
+			return virtio_status(&dev) & 0x40 ? -1 : 0;
+		if (!(i & 1023) && ((virtio_status(&dev) & 0x40) || guest_rdtsc() - t0 > (1ULL << 34)))
+			return -1;
+		asm volatile("pause");
+	}
+	inflight = false;
+	virtio_config_write32(&dev, CFG_ACTUAL, (uint32_t)held);
+	return 1;
+}
+
+/* A command's view of the device: ready, and no inflate of auto mode in flight. */
+static bool ready_idle(char *err, unsigned errlen)
+{
+	if (!ensure_ready(err, errlen))
+		return false;
+	if (reap(true) < 0) {
+		ksnprintf(err, errlen, "device failed the request (status 0x%x)", virtio_status(&dev));
+		return false;
+	}
+	return true;
+}
+
+/* Give up to n more pages (from bal_low down). Returns pages given, -1 on
+ * error. async: post the request and return (reap() completes it). */
+static int inflate(unsigned n, bool async)
 {
 	uint64_t p = bal_low;
 	unsigned k = 0;
 
-	while (k < n && (p = ram_page_below(p)) != 0) {
+	while (stride > 1 && k < n && (p = cand_below(p)) != 0)
+		pfns[n - 1 - k++] = (uint32_t)(p >> 12);
+	while (stride == 1 && k < n && (p = ram_page_below(p)) != 0) {
 		/* The rest of this RAM entry without another map search. */
 		uint64_t lo = p;
 		for (unsigned i = 0; i < map_n; i++)
@@ -194,7 +274,7 @@ static int inflate(unsigned n)
 	if (k < n)   /* keep the array ascending from its start */
 		memmove(pfns, pfns + (n - k), k * 4);
 	/* Host first: the pages are not ours once the request is posted. */
-	if (!send_pfns(0, k))
+	if (!send_pfns(0, k, async))
 		return -1;
 	bal_low = (uint64_t)pfns[0] << 12;
 	held += k;
@@ -207,23 +287,25 @@ static int deflate(unsigned n)
 	uint64_t p = bal_low;
 	unsigned k = 0;
 
-	while (k < n && k < held && (p = ram_page_from(p)) < ram_top) {
+	while (k < n && k < held && (p = stride > 1 ? cand_from(p) : ram_page_from(p)) < ram_top) {
 		pfns[k++] = (uint32_t)(p >> 12);
 		p += PAGE;
 	}
 	if (!k)
 		return 0;
-	if (!send_pfns(1, k))
+	if (!send_pfns(1, k, false))
 		return -1;
 	/* Without MUST_TELL_HOST we could have used them first; we wait anyway. */
-	bal_low = ram_page_from(p);
+	bal_low = stride > 1 ? cand_from(p) : ram_page_from(p);
 	held -= k;
 	return (int)k;
 }
 
 /* Follow the device's target for at most max_req requests. 1: at target,
- * 0: not there yet / cannot go further, -1: device error. */
-static int sync_target(unsigned max_req, bool *limited)
+ * 0: not there yet / cannot go further, -1: device error. async (auto
+ * mode): an inflate request is posted and left to the device, so the walk
+ * goes on while mdvm releases the pages; the next call completes it. */
+static int sync_target(unsigned max_req, bool *limited, bool async)
 {
 	for (unsigned i = 0; i < max_req; i++) {
 		uint32_t target = virtio_config_read32(&dev, CFG_NUM_PAGES);
@@ -234,12 +316,14 @@ static int sync_target(unsigned max_req, bool *limited)
 			return 1;
 		if (held < target) {
 			uint64_t want = target - held;
-			r = inflate(want < BATCH ? (unsigned)want : BATCH);
+			r = inflate(want < BATCH ? (unsigned)want : BATCH, async);
 			if (r == 0) {
 				if (limited)
 					*limited = true;
 				return 0;
 			}
+			if (r > 0 && async)
+				return 0;   /* actual is written when the device used it */
 		} else {
 			uint64_t want = held - target;
 			r = deflate(want < BATCH ? (unsigned)want : BATCH);
@@ -255,9 +339,13 @@ void balloon_poll(void)
 {
 	char err[96];
 
+	int r;
+
 	if (!auto_mode || !ensure_ready(err, sizeof(err)))
 		return;
-	if (sync_target(16, NULL) < 0) {
+	if ((r = reap(false)) == 0)
+		return;   /* the device is still at it: walk on */
+	if (r < 0 || sync_target(16, NULL, true) < 0) {
 		kprintf("balloon: device error (status 0x%x); auto mode off\n", virtio_status(&dev));
 		auto_mode = false;
 	}
@@ -265,29 +353,40 @@ void balloon_poll(void)
 
 static void cmd_balloon(const char *name, char *rest)
 {
-	struct arg a[] = { { "auto", 2 } };
+	struct arg a[] = { { "auto", 2 }, { "stride", 0 } };
 	char err[96];
 	bool limited = false;
 	int r;
 
-	if (!parse_args(name, rest, a, 1))
+	if (!parse_args(name, rest, a, 2))
 		return;
-	if (!ensure_ready(err, sizeof(err))) {
+	if (a[1].val > 64 || (a[0].val != 0 && a[0].val != 1 && a[0].val != 2)) {
+		reply(ERR, "balloon: error: auto=0|1, stride=1..64");
+		return;
+	}
+	if (!ready_idle(err, sizeof(err))) {
 		reply(ERR, "balloon: error: %s", err);
 		return;
+	}
+	if (a[1].val && a[1].val != stride) {
+		if (held) {
+			reply(ERR, "balloon: error: stride can change only while the balloon is empty");
+			return;
+		}
+		stride = (unsigned)a[1].val;
 	}
 	if (a[0].val != 2)
 		auto_mode = a[0].val != 0;
 	do
-		r = sync_target(1u << 20, &limited);
+		r = sync_target(1u << 20, &limited, false);
 	while (r == 0 && !limited);
 	if (r < 0) {
 		reply(FAIL, "balloon: error: device failed the request (status 0x%x)", virtio_status(&dev));
 		return;
 	}
-	reply(OK, "balloon: %s target=%u actual=%lu low=0x%lx auto=%u",
+	reply(OK, "balloon: %s target=%u actual=%lu low=0x%lx auto=%u stride=%u",
 	      limited ? "limit" : "ok", virtio_config_read32(&dev, CFG_NUM_PAGES), held, bal_low,
-	      auto_mode ? 1 : 0);
+	      auto_mode ? 1 : 0, stride);
 }
 
 static void cmd_balloon_wait(const char *name, char *rest)
@@ -298,7 +397,7 @@ static void cmd_balloon_wait(const char *name, char *rest)
 
 	if (!parse_args(name, rest, a, 1))
 		return;
-	if (!ensure_ready(err, sizeof(err))) {
+	if (!ready_idle(err, sizeof(err))) {
 		reply(ERR, "balloon-wait: error: %s", err);
 		return;
 	}
@@ -323,7 +422,7 @@ static void cmd_balloon_oom(const char *name, char *rest)
 
 	if (!parse_args(name, rest, a, 1))
 		return;
-	if (!ensure_ready(err, sizeof(err))) {
+	if (!ready_idle(err, sizeof(err))) {
 		reply(ERR, "balloon-oom: error: %s", err);
 		return;
 	}
@@ -347,7 +446,7 @@ static void cmd_balloon_info(const char *name, char *rest)
 {
 	char err[96];
 
-	if (!ensure_ready(err, sizeof(err))) {
+	if (!ready_idle(err, sizeof(err))) {
 		reply(ERR, "balloon-info: error: %s", err);
 		return;
 	}
@@ -405,7 +504,7 @@ static void cmd_balloon_hostile(const char *name, char *rest)
 		reply(ERR, "balloon-hostile: error: kind=0..7 (loop addr len head idx pfn ring wrflag)");
 		return;
 	}
-	if (!ensure_ready(err, sizeof(err))) {
+	if (!ready_idle(err, sizeof(err))) {
 		reply(ERR, "balloon-hostile: error: %s", err);
 		return;
 	}

@@ -189,6 +189,42 @@ def test_hugetlb_reporting_partial_hugepage(vm_factory):
     assert vm.guest("verify base=18M size=2M gen=6") == (0, "verify: ok pages=512")
 
 
+def test_hugetlb_scattered_inflate_then_compaction(vm_factory):
+    """hugetlb: the guest balloons every other page of its top 16 MiB
+    (`balloon stride=2`), so no hugepage empties and the host gets nothing
+    back; compaction then demotes the 8 half-ballooned regions to 4 KiB
+    pages and frees their hugepages: the host gets the ballooned 8 MiB.
+    Deflated, the pages work again."""
+    vm = hugetlb_vm(vm_factory, "32M")
+    populate(vm, end=32 * MiB)
+    before = host_mem(vm.proc.pid)
+    f0 = vm.qmp.cmd("query-memory")["fragmentation"]
+    vm.qmp.cmd("balloon", value=24 * MiB)
+    st, text = vm.guest("balloon stride=2", timeout=60000)
+    assert st == 0 and "target=2048 actual=2048" in text and "stride=2" in text, text
+    assert "low=0x1001000" in text, text       # 16M + 4K: every other page from the top
+    s = stats(vm)
+    assert s["ballooned-pages"] == 2048 and s["released-bytes"] == 0, s
+    # Every hugepage keeps half its pages: the host memory barely moves.
+    assert before - host_mem(vm.proc.pid) < 1 * MiB, (before, host_mem(vm.proc.pid))
+    f1 = vm.qmp.cmd("query-memory")["fragmentation"]
+    assert f1["host-bytes"] == f0["host-bytes"], (f0, f1)
+    c = vm.qmp.cmd("compact", mode="reclaim")
+    assert c["regions-demoted"] == 8 and c["hugepages-freed"] == 8, c
+    f2 = vm.qmp.cmd("query-memory")["fragmentation"]
+    # 16 MiB of hugepages out, the 8 MiB of live pages in 4 KiB side-file pages.
+    assert f1["host-bytes"] - f2["host-bytes"] == 8 * MiB, (f1, f2)
+    assert before - host_mem(vm.proc.pid) >= 8 * MiB * 0.9, (before, host_mem(vm.proc.pid))
+    # The live half kept its data: the walk wrote 1 into every page once.
+    dump = vm.pmemsave(16 * MiB, 16 * MiB)
+    assert all(dump[i] == (0 if (i // PAGE) % 2 else 1) for i in range(0, len(dump), PAGE))
+    text = balloon_to(vm, 32 * MiB)
+    assert "target=0 actual=0" in text, text
+    assert stats(vm)["ballooned-pages"] == 0 and vm_pages(vm)["ballooned"] == 0
+    assert vm.guest("fill base=16M size=16M gen=12")[0] == 0
+    assert vm.guest("verify base=16M size=16M gen=12") == (0, "verify: ok pages=4096")
+
+
 def test_balloon_while_walking(vm_factory):
     """auto mode: the guest follows the target between sweeps; the walk
     never touches ballooned pages and stays consistent on the rest."""
