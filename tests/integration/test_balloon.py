@@ -225,17 +225,27 @@ def test_hugetlb_scattered_inflate_then_compaction(vm_factory):
     assert vm.guest("verify base=16M size=16M gen=12") == (0, "verify: ok pages=4096")
 
 
-def test_balloon_while_walking(vm_factory):
-    """auto mode: the guest follows the target between sweeps; the walk
-    never touches ballooned pages and stays consistent on the rest."""
-    vm = vm_factory(memory="64M").start()
+@pytest.mark.parametrize("backing,target", [
+    ("default", 24 * MiB), ("memfd", 24 * MiB), ("anon", 24 * MiB), ("thp", 24 * MiB),
+    ("hugetlb", 21 * MiB + 512 * 1024)])
+def test_balloon_while_walking(vm_factory, backing, target):
+    """auto mode: the guest follows the target between sweeps, its inflate
+    requests in flight while it walks on; the walk never touches ballooned
+    pages and stays consistent on the rest. Deflated while walking, the
+    returned pages are walked too: each part holds one interrupted sweep.
+    hugetlb: a target inside a 2 MiB page (that page stays mapped)."""
+    ram = 32 * MiB
+    if backing == "hugetlb":
+        vm = hugetlb_vm(vm_factory, "32M")
+    else:
+        vm = vm_factory(memory="32M", extra=[] if backing == "default" else ["--backing", backing]).start()
     assert vm.guest("balloon auto=1")[0] == 0
-    walk_base, walk_end = 4 * MiB, MEM
+    walk_base, walk_end = 4 * MiB, ram
     assert vm.guest("walk base=%d size=%d" % (walk_base, walk_end - walk_base))[0] == 0
     time.sleep(0.3)
-    vm.qmp.cmd("balloon", value=48 * MiB)
+    vm.qmp.cmd("balloon", value=target)
     deadline = time.time() + 30
-    while vm.qmp.cmd("query-balloon")["actual"] != 48 * MiB:
+    while vm.qmp.cmd("query-balloon")["actual"] != target:
         assert time.time() < deadline, stats(vm)
         time.sleep(0.05)
     sweeps = vm.qmp.cmd("query-guest")["sweeps"]
@@ -243,16 +253,31 @@ def test_balloon_while_walking(vm_factory):
         assert time.time() < deadline
         time.sleep(0.02)
     vm.qmp.cmd("stop")
-    dump = vm.pmemsave(walk_base, 48 * MiB - walk_base)
-    check_walk_consistent(dump)
-    assert vm.pmemsave(48 * MiB, 16 * MiB) == bytes(16 * MiB)
+    check_walk_consistent(vm.pmemsave(walk_base, target - walk_base))
+    assert vm.pmemsave(target, ram - target) == bytes(ram - target)
+    assert stats(vm)["ballooned-pages"] == (ram - target) // PAGE
     vm.qmp.cmd("cont")
     # Give it back while walking; the walk then covers the returned pages too.
-    vm.qmp.cmd("balloon", value=MEM)
-    while vm.qmp.cmd("query-balloon")["actual"] != MEM:
+    vm.qmp.cmd("balloon", value=ram)
+    while vm.qmp.cmd("query-balloon")["actual"] != ram:
         assert time.time() < deadline + 30, stats(vm)
         time.sleep(0.05)
+    sweeps = vm.qmp.cmd("query-guest")["sweeps"]
+    while vm.qmp.cmd("query-guest")["sweeps"] < sweeps + 2:
+        assert time.time() < deadline + 30
+        time.sleep(0.02)
+    vm.qmp.cmd("stop")
+    s = stats(vm)
+    assert s["ballooned-pages"] == 0 and not s["needs-reset"], s
+    assert vm_pages(vm)["ballooned"] == 0
+    kept, returned = vm.pmemsave(walk_base, target - walk_base), vm.pmemsave(target, ram - target)
+    check_walk_consistent(kept)
+    check_walk_consistent(returned)
+    # The returned pages came back zeroed and were walked since.
+    assert all(b >= 1 for b in returned[::PAGE]), "a returned page was never walked"
+    vm.qmp.cmd("cont")
     assert vm.qmp.cmd("query-status")["status"] == "running"
+    assert "failed" not in vm.stderr() and "guest driver error" not in vm.stderr(), vm.stderr()
 
 
 def test_free_page_reporting(vm_factory):
