@@ -654,7 +654,6 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 
 	/* Iterate. */
 	unsigned iterations = 1, throttle = 0;
-	uint64_t prev_sent = 0;
 	for (;;) {
 		/* What the link did in the last pass; queued bytes count once sent. */
 		if ((rc = mig_out_flush(s.o)))
@@ -693,9 +692,10 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 			pthread_mutex_unlock(&mig.lock);
 			break;
 		}
-		/* Auto-converge (as QEMU's): the guest dirtied more than half of
-		 * what the last pass could send -> slow its vCPUs down more. */
-		if (iterations >= 2 && remaining > prev_sent / 2) {
+		/* Auto-converge (as QEMU's): while the pass that just ended sent
+		 * `sent` bytes, the guest dirtied more than half as much -> slow
+		 * its vCPUs down more. Both figures cover the same period. */
+		if (iterations >= 2 && remaining > sent / 2) {
 			throttle = throttle ? throttle + THROTTLE_STEP : THROTTLE_INITIAL;
 			if (throttle > THROTTLE_MAX)
 				throttle = THROTTLE_MAX;
@@ -704,7 +704,6 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 			mig.throttle = throttle;
 			pthread_mutex_unlock(&mig.lock);
 		}
-		prev_sent = sent;
 		it_t0 = monotonic_ns();
 		it_b0 = mig_out_bytes(s.o);
 		s.t0 = it_t0;
@@ -923,7 +922,8 @@ int migration_start(struct vm *vm, const char *uri, char *err, size_t errlen)
 	mig.error[0] = 0;
 	mig.start_ns = monotonic_ns();
 	mig.setup_ns = mig.end_ns = mig.downtime_ns = 0;
-	mig.transferred = mig.remaining = mig.iterations = mig.dirty_rate = 0;
+	mig.transferred = mig.iterations = mig.dirty_rate = 0;
+	mig.total = mig.remaining = mm_ram_size(vm_mem(vm));   /* nothing accounted for yet */
 	mig.expected_downtime = mig.normal_pages = mig.zero_pages = mig.bandwidth = 0;
 	mig.throttle = 0;
 	mig.cap_reached = false;

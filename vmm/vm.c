@@ -65,6 +65,8 @@ struct vm {
 	struct mce *mce;
 	_Atomic unsigned throttle_pct;  /* auto-converge: share of time vCPUs sleep */
 };
+	pthread_t throttle_thread;      /* kicks the vCPUs every 10 ms while throttling */
+	bool throttle_thread_live;
 
 const char *vm_state_name(enum vm_state s)
 {
@@ -662,6 +664,7 @@ void vm_destroy(struct vm *vm)
 		return;
 	pthread_mutex_lock(&vm->lock);
 	vm->exiting = true;
+	vm_throttle(vm, 0);       /* its thread kicks the vCPU threads */
 	pthread_cond_broadcast(&vm->cond);
 	pthread_mutex_unlock(&vm->lock);
 	if (vm->vcpus) {
@@ -921,9 +924,39 @@ void vm_set_incoming(struct vm *vm)
 void vm_throttle(struct vm *vm, unsigned pct)
 {
 	pct = pct > 99 ? 99 : pct;
+/* A vCPU is throttled only when it comes back to mdvm (vcpu_throttle), and
+ * a guest that rarely exits would hardly ever be: while the throttle is on,
+ * kick every vCPU out of KVM_RUN each 10 ms (QEMU's CPU_THROTTLE_TIMESLICE).
+ * A kick that lands outside KVM_RUN is lost; the next one is 10 ms later. */
+static void *throttle_kicker(void *arg)
+{
+	struct vm *vm = arg;
+
+	pthread_setname_np(pthread_self(), "mdvm-throttle");
+	while (vm->throttle_pct) {
+		struct timespec ts = { .tv_sec = 0, .tv_nsec = 10000000L };
+		nanosleep(&ts, NULL);
+		for (int i = 0; i < vm->ncpus && vm->throttle_pct; i++)
+			if (vm->vcpus[i].started)
+				pthread_kill(vm->vcpus[i].thread, VCPU_KICK_SIGNAL);
+	}
+	return NULL;
+}
+
+/* From one thread at a time (the migration thread; vm_destroy after it). */
 	if (vm->throttle_pct == pct)
 		return;
 	vm->throttle_pct = pct;
-	if (pct && vm->vcpus)
-		vm_kick_all(vm);   /* make them look at it */
+	if (!pct) {
+		if (vm->throttle_thread_live)
+			pthread_join(vm->throttle_thread, NULL);
+		vm->throttle_thread_live = false;
+		return;
+	}
+	if (!vm->vcpus)
+		return;
+	if (!vm->throttle_thread_live)
+		vm->throttle_thread_live = pthread_create(&vm->throttle_thread, NULL,
+							  throttle_kicker, vm) == 0;
+	vm_kick_all(vm);   /* make them look at it now */
 }
