@@ -64,9 +64,9 @@ struct vm {
 	int exit_code;
 	struct mce *mce;
 	_Atomic unsigned throttle_pct;  /* auto-converge: share of time vCPUs sleep */
-};
 	pthread_t throttle_thread;      /* kicks the vCPUs every 10 ms while throttling */
 	bool throttle_thread_live;
+};
 
 const char *vm_state_name(enum vm_state s)
 {
@@ -662,9 +662,9 @@ void vm_destroy(struct vm *vm)
 {
 	if (!vm)
 		return;
+	vm_throttle(vm, 0);       /* its thread kicks the vCPU threads */
 	pthread_mutex_lock(&vm->lock);
 	vm->exiting = true;
-	vm_throttle(vm, 0);       /* its thread kicks the vCPU threads */
 	pthread_cond_broadcast(&vm->cond);
 	pthread_mutex_unlock(&vm->lock);
 	if (vm->vcpus) {
@@ -921,9 +921,6 @@ void vm_set_incoming(struct vm *vm)
 	pthread_mutex_unlock(&vm->lock);
 }
 
-void vm_throttle(struct vm *vm, unsigned pct)
-{
-	pct = pct > 99 ? 99 : pct;
 /* A vCPU is throttled only when it comes back to mdvm (vcpu_throttle), and
  * a guest that rarely exits would hardly ever be: while the throttle is on,
  * kick every vCPU out of KVM_RUN each 10 ms (QEMU's CPU_THROTTLE_TIMESLICE).
@@ -944,6 +941,9 @@ static void *throttle_kicker(void *arg)
 }
 
 /* From one thread at a time (the migration thread; vm_destroy after it). */
+void vm_throttle(struct vm *vm, unsigned pct)
+{
+	pct = pct > 99 ? 99 : pct;
 	if (vm->throttle_pct == pct)
 		return;
 	vm->throttle_pct = pct;
