@@ -15,8 +15,9 @@ void serial_receive(struct serial *s, const uint8_t *buf, size_t len);
 
 /* Debug-exit, power-off and reset ports. */
 int power_create(struct vm *vm);
-/* CMOS RTC at ports 0x70/0x71. */
-int rtc_create(struct vm *vm);
+/* CMOS RTC at ports 0x70/0x71; NULL with errno on failure. */
+struct rtc;
+struct rtc *rtc_create(struct vm *vm);
 /* ACPI hardware-reduced sleep control/status registers (power-off). */
 int acpi_pm_create(struct vm *vm);
 
@@ -39,4 +40,6 @@ size_t serial_save(struct serial *s, void *buf, size_t cap);
 int    serial_load(struct serial *s, const void *buf, size_t len);
 size_t testdev_save(struct testdev *t, void *buf, size_t cap);
 int    testdev_load(struct testdev *t, const void *buf, size_t len);
+size_t rtc_save(struct rtc *r, void *buf, size_t cap);
+int    rtc_load(struct rtc *r, const void *buf, size_t len);
 #endif

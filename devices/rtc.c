@@ -131,7 +131,51 @@ static void rtc_io(void *opaque, struct vcpu *vcpu, uint64_t off, uint8_t *data,
 	pthread_mutex_unlock(&r->lock);
 }
 
-int rtc_create(struct vm *vm)
+/* Migration: the index register, the 128 bytes (time registers as last
+ * filled: they matter while the guest holds SET) and the guest's offset
+ * from host UTC, which carries over as is (hosts keep UTC in step). */
+#define RTC_STATE_VERSION 1
+struct rtc_state {
+	uint32_t version;
+	uint8_t index;
+	uint8_t pad[3];
+	int64_t offset;
+	uint8_t ram[128];
+};
+
+size_t rtc_save(struct rtc *r, void *buf, size_t cap)
+{
+	struct rtc_state st = { .version = RTC_STATE_VERSION };
+
+	if (cap < sizeof(st))
+		return 0;
+	pthread_mutex_lock(&r->lock);
+	st.index = r->index;
+	st.offset = (int64_t)r->offset;
+	memcpy(st.ram, r->ram, sizeof(st.ram));
+	pthread_mutex_unlock(&r->lock);
+	memcpy(buf, &st, sizeof(st));
+	return sizeof(st);
+}
+
+int rtc_load(struct rtc *r, const void *buf, size_t len)
+{
+	struct rtc_state st;
+
+	if (len != sizeof(st))
+		return -1;
+	memcpy(&st, buf, sizeof(st));
+	if (st.version != RTC_STATE_VERSION || st.index > 0x7f)
+		return -1;
+	pthread_mutex_lock(&r->lock);
+	r->index = st.index;
+	r->offset = (time_t)st.offset;
+	memcpy(r->ram, st.ram, sizeof(r->ram));
+	pthread_mutex_unlock(&r->lock);
+	return 0;
+}
+
+struct rtc *rtc_create(struct vm *vm)
 {
 	struct rtc *r = xcalloc(1, sizeof(*r));
 
@@ -139,5 +183,9 @@ int rtc_create(struct vm *vm)
 	r->ram[REG_A] = 0x26;          /* 32.768 kHz divider, 1024 Hz rate */
 	r->ram[REG_B] = B_24H;         /* BCD, 24-hour, no interrupts */
 	r->ram[REG_D] = D_VRT;
-	return bus_register_pio(MDVM_RTC_PORT, 2, rtc_io, r);
+	if (bus_register_pio(MDVM_RTC_PORT, 2, rtc_io, r) < 0) {
+		free(r);
+		return NULL;
+	}
+	return r;
 }

@@ -800,6 +800,11 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 		dl = testdev_save(vm_testdev(vm), dev, sizeof(dev));
 		if (!rc)
 			rc = send_blob_section(s.o, MIG_SEC_DEVICE, name, 16, dev, dl);
+		memset(name, 0, sizeof(name));
+		strcpy(name, "rtc");
+		dl = rtc_save(vm_rtc(vm), dev, sizeof(dev));
+		if (!rc)
+			rc = send_blob_section(s.o, MIG_SEC_DEVICE, name, 16, dev, dl);
 		if (vm_balloon(vm)) {
 			memset(name, 0, sizeof(name));
 			strcpy(name, "virtio-balloon");
@@ -813,7 +818,7 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 	uint64_t t_sent_state = monotonic_ns();
 	struct mig_end end = { .sections = mig_out_sections(s.o), .ram_pages = s.ram_pages,
 			       .data_pages = s.data_pages, .ncpus = (uint32_t)vm_ncpus(vm),
-			       .flags = was_paused ? MIG_END_PAUSED : 0 };
+			       .flags = (was_paused ? MIG_END_PAUSED : 0) | MIG_END_CONFIRM };
 	if ((rc = send_blob_section(s.o, MIG_SEC_END, &end, sizeof(end), NULL, 0)) ||
 	    (rc = mig_out_flush(s.o)))
 		goto io_fail;
@@ -822,6 +827,23 @@ static int source_run(struct vm *vm, int fd, char *err, size_t errlen)
 	if (wait_ack(fd, err, errlen) < 0) {
 		rc = -1;
 		goto out;
+	}
+	/* The destination has loaded everything and starts only on GO: until
+	 * this write succeeds the guest is ours to resume. If GO is lost on the
+	 * way, neither side runs it (docs/migration.md, "Switch-over"). */
+	{
+		uint32_t go = MIG_ACK_GO;
+		if (atomic_load(&mig.cancel)) {
+			snprintf(err, errlen, "migration cancelled");
+			rc = -1;
+			goto out;
+		}
+		if (mig_write_full(fd, &go, sizeof(go)) < 0) {
+			snprintf(err, errlen, "cannot confirm the switch-over to the destination: %s",
+				 strerror(errno));
+			rc = -1;
+			goto out;
+		}
 	}
 	if (getenv("MDVM_MIG_DEBUG"))
 		pr_info("downtime: stop %.2f, sync %.2f, rest %.2f, state %.2f, end+flush %.2f, ack %.2f ms",
@@ -1007,8 +1029,8 @@ struct pending_state {
 	size_t vm_len;
 	uint8_t **vcpu;
 	size_t *vcpu_len;
-	uint8_t *serial, *testdev, *balloon, *mce;
-	size_t serial_len, testdev_len, balloon_len, mce_len;
+	uint8_t *serial, *testdev, *rtc, *balloon, *mce;
+	size_t serial_len, testdev_len, rtc_len, balloon_len, mce_len;
 };
 
 static struct {
@@ -1019,6 +1041,7 @@ static struct {
 	pthread_t thread;
 	bool thread_live;
 	bool paused;            /* the source's guest was paused */
+	bool confirm;           /* the source will send MIG_ACK_GO after our MIG_ACK_OK */
 	pthread_mutex_t lock;
 } inc = { .lfd = -1, .fd = -1, .lock = PTHREAD_MUTEX_INITIALIZER };
 
@@ -1391,7 +1414,8 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 				break;
 			}
 			uint8_t **dst = !strcmp(name, "serial") ? &ps.serial :
-					!strcmp(name, "testdev") ? &ps.testdev : NULL;
+					!strcmp(name, "testdev") ? &ps.testdev :
+					!strcmp(name, "rtc") ? &ps.rtc : NULL;
 			if (!dst) {
 				snprintf(err, errlen, "state for unknown device '%s'", name);
 				goto out;
@@ -1399,7 +1423,8 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 			free(*dst);
 			*dst = xmalloc(len - 16 + 1);
 			memcpy(*dst, (uint8_t *)p + 16, len - 16);
-			*(dst == &ps.serial ? &ps.serial_len : &ps.testdev_len) = len - 16;
+			*(dst == &ps.serial ? &ps.serial_len : dst == &ps.testdev ? &ps.testdev_len :
+			  &ps.rtc_len) = len - 16;
 			break;
 		}
 		case MIG_SEC_END: {
@@ -1418,11 +1443,12 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 					 (unsigned long long)pages, (unsigned long long)data_pages);
 				goto out;
 			}
-			if (e.flags & ~MIG_END_PAUSED) {
+			if (e.flags & ~(MIG_END_PAUSED | MIG_END_CONFIRM)) {
 				snprintf(err, errlen, "end section: unknown flags 0x%x", e.flags);
 				goto out;
 			}
 			inc.paused = e.flags & MIG_END_PAUSED;
+			inc.confirm = e.flags & MIG_END_CONFIRM;
 			done = true;
 			break;
 		}
@@ -1449,8 +1475,10 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 	/* After the vCPUs' MSRs: the native back end's registers are MSRs too. */
 	if (mce_state_load(vm_mce(vm), ps.mce, ps.mce_len, err, errlen) < 0)
 		goto out;
+	/* The RTC came with version 4; a version 2-3 source keeps ours. */
 	if (serial_load(vm_serial(vm), ps.serial, ps.serial_len) < 0 ||
-	    testdev_load(vm_testdev(vm), ps.testdev, ps.testdev_len) < 0) {
+	    testdev_load(vm_testdev(vm), ps.testdev, ps.testdev_len) < 0 ||
+	    (ps.rtc && rtc_load(vm_rtc(vm), ps.rtc, ps.rtc_len) < 0)) {
 		snprintf(err, errlen, "device state not accepted (version mismatch?)");
 		goto out;
 	}
@@ -1470,6 +1498,7 @@ out:
 	free(ps.vm_blob);
 	free(ps.serial);
 	free(ps.testdev);
+	free(ps.rtc);
 	free(ps.balloon);
 	free(ps.mce);
 	for (int i = 0; i < ncpus; i++)
@@ -1478,6 +1507,30 @@ out:
 	free(ps.vcpu_len);
 	mig_in_destroy(in);
 	return rc;
+}
+
+/* Our MIG_ACK_OK may not have reached the source (a cut connection): it
+ * then resumes its guest. Run ours only once it says it will not. */
+static int wait_go(int fd, char *err, size_t errlen)
+{
+	struct pollfd pfd = { .fd = fd, .events = POLLIN };
+	uint32_t go = 0;
+	int rc;
+
+	do
+		rc = poll(&pfd, 1, ACK_TIMEOUT_MS);
+	while (rc < 0 && errno == EINTR);
+	if (rc == 0) {
+		snprintf(err, errlen, "the source did not confirm the switch-over within %d s",
+			 ACK_TIMEOUT_MS / 1000);
+		return -1;
+	}
+	if (mig_read_full(fd, &go, sizeof(go)) < 0 || go != MIG_ACK_GO) {
+		snprintf(err, errlen, "the source did not confirm the switch-over (%s): not "
+			 "running the guest here", go ? "bad answer" : "connection closed");
+		return -1;
+	}
+	return 0;
 }
 
 static void *incoming_thread(void *arg)
@@ -1514,6 +1567,8 @@ static void *incoming_thread(void *arg)
 		snprintf(err, sizeof(err), "cannot acknowledge to the source: %s", strerror(errno));
 		rc = -1;
 	}
+	if (rc == 0 && inc.confirm && wait_go(fd, err, sizeof(err)) < 0)
+		rc = -1;
 	pthread_mutex_lock(&inc.lock);
 	inc.fd = -1;
 	pthread_mutex_unlock(&inc.lock);

@@ -8,11 +8,13 @@
 #include <stdint.h>
 
 #define MIG_MAGIC        "MDVM-MIG"
-#define MIG_VERSION      3        /* 2: SYNC and MCE sections, END flags; 3: PREFAULT */
+#define MIG_VERSION      4        /* 2: SYNC and MCE sections, END flags; 3: PREFAULT;
+				     4: MIG_END_CONFIRM */
 #define MIG_SECTION_MAX  (16u << 20)      /* payload bytes */
 #define MIG_ACK_OK       0x4b4f4b4fu      /* "OKOK": destination loaded everything */
 #define MIG_ACK_FAIL     0x4c494146u      /* "FAIL" */
 #define MIG_ACK_SYNC     0x434e5953u      /* "SYNC": everything before the SYNC section is loaded */
+#define MIG_ACK_GO       0x4f474f47u      /* "GOGO": source to destination after MIG_ACK_OK: run */
 
 enum mig_section_type {
 	MIG_SEC_CONFIG = 1,   /* guest shape: RAM ranges, vCPUs */
@@ -68,6 +70,7 @@ struct mig_end {
 	uint32_t flags;       /* MIG_END_PAUSED */
 };
 #define MIG_END_PAUSED 1u     /* the source's guest was paused: the destination stays paused */
+#define MIG_END_CONFIRM 2u    /* the source answers MIG_ACK_OK with MIG_ACK_GO; start only on it */
 
 uint32_t crc32c(uint32_t crc, const void *buf, size_t len);
 

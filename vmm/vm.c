@@ -50,6 +50,7 @@ struct vm {
 	int ncpus;
 	struct serial *serial;
 	struct testdev *testdev;
+	struct rtc *rtc;
 	struct virtio_balloon *balloon;
 	char *cmdline;            /* cfg->cmdline + virtio_mmio.device= for our devices */
 	int console_fd;
@@ -598,7 +599,8 @@ struct vm *vm_create(const struct vm_config *cfg, char *err, size_t errlen)
 		goto fail;
 	vm->serial = serial_create(vm, MDVM_COM1_PORT, MDVM_COM1_IRQ, vm->console_fd);
 	vm->testdev = testdev_create(vm, MDVM_TESTDEV_GPA);
-	if (!vm->serial || !vm->testdev || power_create(vm) < 0 || rtc_create(vm) < 0 ||
+	vm->rtc = rtc_create(vm);
+	if (!vm->serial || !vm->testdev || power_create(vm) < 0 || !vm->rtc ||
 	    acpi_pm_create(vm) < 0) {
 		VERR("cannot register devices: %s", strerror(errno));
 		goto fail;
@@ -883,6 +885,7 @@ int vm_kvm_fd(struct vm *vm) { return vm->kvm_fd; }
 int vm_fd(struct vm *vm) { return vm->vm_fd; }
 int vm_vcpu_fd(struct vm *vm, int index) { return vm->vcpus[index].fd; }
 struct serial *vm_serial(struct vm *vm) { return vm->serial; }
+struct rtc *vm_rtc(struct vm *vm) { return vm->rtc; }
 struct testdev *vm_testdev(struct vm *vm) { return vm->testdev; }
 
 int vm_stop_for_migration(struct vm *vm)

@@ -80,6 +80,8 @@ int  vm_kvm_fd(struct vm *vm);
 int  vm_fd(struct vm *vm);
 int  vm_vcpu_fd(struct vm *vm, int index);
 struct serial *vm_serial(struct vm *vm);
+struct rtc;
+struct rtc *vm_rtc(struct vm *vm);
 struct testdev *vm_testdev(struct vm *vm);
 /* Park the vCPUs with their last I/O completed, RUNNING|PAUSED -> FINISH_MIGRATE. */
 int  vm_stop_for_migration(struct vm *vm);
