@@ -652,13 +652,18 @@ static int migrate_progress(struct conn *c, bool json)
 		json_int_t ms = json_integer_value(json_object_get(ret, "total-time"));
 		bool done = !st || !strcmp(st, "completed") || !strcmp(st, "failed") ||
 			    !strcmp(st, "cancelled");
-		/* Progress: RAM covered by the first pass, then what is left. */
-		double frac = !strcmp(st ? st : "", "completed") ? 1.0 :
-			      total > 0 ? (sent < total ? sent / total : 1.0 - rem / (total + rem)) : 0;
-		if (frac > 1)
-			frac = 1;
+		/* Progress: guest RAM accounted for, (total - remaining) / total.
+		 * Not bytes sent: zero and untouched pages go as small markers.
+		 * In the first pass `remaining` is what it has still to walk,
+		 * later what the last sync found dirty, so the bar fills as pass
+		 * 1 walks and then shows how close the iterations are to done;
+		 * 100% only once completed. */
+		bool completed = st && !strcmp(st, "completed");
+		double frac = completed ? 1.0 : total > 0 ? (total - rem) / total : 0;
 		if (frac < 0)
 			frac = 0;
+		if (!completed && frac > 0.99)
+			frac = 0.99;
 		uint64_t now = monotonic_ns();
 		if (tty || done || now - last_line > 1000000000ULL) {
 			char bar[41];
