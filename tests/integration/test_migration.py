@@ -3,6 +3,7 @@ style of QEMU's migration-test: the guest walks memory while it is being
 migrated, and the destination's memory must be consistent with one
 interrupted sweep."""
 import os
+import re
 import socket
 import struct
 import threading
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from mdvmtest import PAGE, check_walk_consistent, fill_pattern
+from mdvmtest import PAGE, check_walk_consistent, fill_pattern, run_mdvm
 
 MEM = "64M"
 WALK_BASE, WALK_SIZE = 4 << 20, 4 << 20
@@ -46,6 +47,14 @@ def wait_sweeps(vm, more, timeout=30):
         time.sleep(0.02)
 
 
+def migration_statuses(vm, last):
+    """The MIGRATION events' statuses, in order, up to `last`."""
+    statuses = []
+    while not statuses or statuses[-1] != last:
+        statuses.append(vm.qmp.wait_event("MIGRATION")["data"]["status"])
+    return statuses
+
+
 def check_fill(dump, base, gen):
     for i in range(0, len(dump), PAGE):
         want = fill_pattern((base + i) // PAGE, gen)
@@ -71,11 +80,9 @@ def test_walk_while_migrating_unix(vm_factory, tmp_path):
     assert r["status"] == "completed", r
     assert r["ram"]["dirty-sync-count"] >= 2 and r["x-dirty-tracking"] == "ring", r
     assert r["ram"]["transferred"] > WALK_SIZE
-    assert "downtime" in r
-    statuses = []
-    while not statuses or statuses[-1] != "completed":
-        statuses.append(src.qmp.wait_event("MIGRATION")["data"]["status"])
-    assert statuses == ["setup", "active", "device", "completed"], statuses
+    assert "downtime" in r and "expected-downtime" not in r, r
+    assert r["ram"]["total"] == 64 << 20 and r["ram"]["remaining"] == 0, r
+    assert migration_statuses(src, "completed") == ["setup", "active", "device", "completed"]
     src.qmp.wait_event("STOP")
     assert src.qmp.cmd("query-status")["status"] == "postmigrate"
     dst.qmp.wait_event("RESUME")
@@ -160,6 +167,10 @@ def test_cancel_midway(vm_factory, tmp_path):
     src.qmp.cmd("migrate_cancel")
     r = wait_migration(src)
     assert r["status"] == "cancelled", r
+    assert "error-desc" not in r and r["ram"]["total"] == 64 << 20, r
+    assert migration_statuses(src, "cancelled") == ["setup", "active", "cancelling", "cancelled"]
+    # The vCPUs never stopped: no STOP, no RESUME.
+    assert not [e for e in src.qmp.events if e["event"] in ("STOP", "RESUME")]
     # The destination got half a stream: it refuses it and exits non-zero.
     assert dst.wait_exit(20) == 1
     assert "incoming migration failed" in dst.stderr()
@@ -181,6 +192,7 @@ def test_kill_destination_midway(vm_factory, tmp_path):
     r = wait_migration(src)
     assert r["status"] == "failed", r
     assert "error-desc" in r
+    assert migration_statuses(src, "failed") == ["setup", "active", "failed"]
     check_source_intact(src, before)
 
 
@@ -414,3 +426,307 @@ def test_thp_source_to_hugetlb_destination(vm_factory, tmp_path):
     dst.qmp.wait_event("RESUME")
     assert dst.guest("verify base=8M size=1M gen=3") == (0, "verify: ok pages=256")
     assert dst.pmemsave(0, 0x6000) == src.pmemsave(0, 0x6000)
+
+
+def test_auto_converge(vm_factory, tmp_path):
+    """The walk dirties its 4 MiB far faster than a 16 MiB/s link drains
+    them: auto-converge throttles the vCPU (kicked out of KVM_RUN every
+    10 ms) until a pass fits the downtime limit. It must converge that way,
+    not through the iteration cap. query-migrate's figures are checked on
+    the way."""
+    src = vm_factory(cmdline="idle", memory=MEM).start()
+    uri = "unix:" + str(tmp_path / "ac.sock")
+    dst = dest(vm_factory, uri)
+    assert src.guest("walk base=%d size=%d" % (WALK_BASE, WALK_SIZE))[0] == 0
+    wait_sweeps(src, 2)
+    src.qmp.cmd("migrate-set-parameters", downtime_limit=50, max_bandwidth=16 << 20)
+    assert src.qmp.cmd("query-migrate-parameters")["x-max-iterations"] == 100
+    src.qmp.cmd("migrate", uri=uri)
+    throttle, rates, deadline = 0, [], time.time() + 90
+    while True:
+        r = src.qmp.cmd("query-migrate")
+        if r["status"] in ("completed", "failed", "cancelled"):
+            break
+        ram = r["ram"]
+        assert ram["total"] == 64 << 20 and 0 <= ram["remaining"] <= ram["total"], r
+        if r["status"] == "active":
+            assert "expected-downtime" in r and "downtime" not in r, r
+        if ram["dirty-sync-count"] >= 2:
+            rates.append(ram["dirty-pages-rate"])
+        throttle = max(throttle, r.get("cpu-throttle-percentage", 0))
+        assert time.time() < deadline, r
+        time.sleep(0.05)
+    assert r["status"] == "completed", r
+    assert "x-iteration-limit-reached" not in r, r
+    assert 0 < r["ram"]["dirty-sync-count"] < 100, r
+    throttle = max(throttle, r.get("cpu-throttle-percentage", 0))
+    assert 20 <= throttle <= 99, r
+    assert rates and max(rates) > 0, rates
+    assert "switching over anyway" not in src.stderr()
+    dst.qmp.wait_event("RESUME")
+    dst.qmp.cmd("stop")
+    check_walk_consistent(dst.pmemsave(WALK_BASE, WALK_SIZE))
+    dst.qmp.cmd("cont")
+    wait_sweeps(dst, 2)
+
+
+PROGRESS = re.compile(r"^\[[#.]{40}\] +(\d+)% (\S+) [\d.]+ MiB sent, ([\d.]+) MiB left, iter (\d+), \d+ ms$")
+
+
+def test_ctl_migrate_progress(vm_factory, tmp_path):
+    """`mdvm ctl migrate URI`: progress lines (guest RAM accounted for, not
+    bytes sent), a summary, exit 0; a bad URI or nobody listening: a clear
+    error, non-zero, and the source runs on."""
+    src = vm_factory(cmdline="idle", memory=MEM).start()
+    p = run_mdvm("ctl", "--socket", src.sock, "migrate", "fd:3")
+    assert p.returncode != 0 and "expected tcp:HOST:PORT or unix:PATH" in p.stderr, p
+    p = run_mdvm("ctl", "--socket", src.sock, "migrate", "unix:" + str(tmp_path / "nobody.sock"))
+    assert p.returncode != 0 and "Failed to connect" in p.stderr, p
+    assert src.qmp.cmd("query-status")["status"] == "running"
+    assert src.guest("status")[0] == 0
+
+    # 16 MiB of random data at 4 MiB/s: a first pass of a few seconds.
+    src.qmp.cmd("x-mdvm-fill-random", gpa=32 << 20, size=16 << 20, seed=3)
+    before = src.pmemsave(32 << 20, 16 << 20)
+    uri = "unix:" + str(tmp_path / "ctl.sock")
+    dst = dest(vm_factory, uri)
+    src.qmp.cmd("migrate-set-parameters", max_bandwidth=4 << 20)
+    p = run_mdvm("ctl", "--socket", src.sock, "migrate", uri)
+    assert p.returncode == 0, p
+    lines = [PROGRESS.match(x) for x in p.stderr.splitlines()]
+    assert lines and all(lines), p.stderr
+    pct = [int(m.group(1)) for m in lines]
+    assert [m.group(2) for m in lines][-1] == "completed" and pct[-1] == 100, p.stderr
+    # The bar moves while the first pass walks (not stuck near 0 until
+    # the end), never backwards here (the guest is idle), 100 only at the end.
+    assert any(0 < x < 100 and m.group(2) == "active" for x, m in zip(pct, lines)), p.stderr
+    assert pct == sorted(pct) and pct.count(100) == 1, p.stderr
+    assert p.stdout.startswith("migration completed: "), p.stdout
+    dst.qmp.wait_event("RESUME")
+    assert dst.pmemsave(32 << 20, 16 << 20) == before
+
+
+SEC_CONFIG, SEC_RAM, SEC_VM, SEC_VCPU, SEC_DEVICE, SEC_END, SEC_SYNC, SEC_MCE, SEC_PREFAULT = range(1, 10)
+
+
+class SectionProxy:
+    """Forwards a migration stream section by section (docs/migration.md,
+    "Stream format") and records the sections. On the first section of type
+    `kind` it can flip a payload byte, cut the stream in the middle of it,
+    or hold it and everything after; or it drops the destination's final
+    acknowledgement (OKOK) and hangs up on both sides."""
+
+    def __init__(self, listen_path, target_path, action=None, kind=None):
+        self.ls = socket.socket(socket.AF_UNIX)
+        self.ls.bind(listen_path)
+        self.ls.listen(1)
+        self.target, self.action, self.kind = target_path, action, kind
+        self.sections = []      # (type, payload); RAM payloads as their length only
+        self.acted = False
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        try:
+            self.forward()
+        except OSError:
+            pass
+
+    def forward(self):
+        a, _ = self.ls.accept()
+        b = socket.socket(socket.AF_UNIX)
+        b.connect(self.target)
+        self.a, self.b = a, b
+        threading.Thread(target=self.back, daemon=True).start()
+        buf, header, passing, ended = bytearray(), False, True, False
+        while True:
+            data = a.recv(1 << 20)
+            if not data:
+                break
+            buf += data
+            while passing:
+                if ended:        # after END: the source's GOGO, raw
+                    b.sendall(bytes(buf))
+                    buf.clear()
+                    break
+                if not header:
+                    if len(buf) < 16:
+                        break
+                    b.sendall(bytes(buf[:16]))
+                    del buf[:16]
+                    header = True
+                    continue
+                if len(buf) < 16:
+                    break
+                typ, ln = struct.unpack_from("<II", buf, 0)
+                if len(buf) < 16 + ln:
+                    break
+                sec = bytearray(buf[:16 + ln])
+                del buf[:16 + ln]
+                self.sections.append((typ, ln if typ == SEC_RAM else bytes(sec[16:])))
+                if typ == self.kind and not self.acted and self.action in ("flip", "cut", "hold"):
+                    self.acted = True
+                    if self.action == "flip":
+                        sec[16 + ln // 2] ^= 0x5a
+                    elif self.action == "cut":
+                        b.sendall(bytes(sec[:16 + ln // 2]))
+                        b.shutdown(socket.SHUT_WR)
+                        passing = False
+                        break
+                    else:
+                        passing = False
+                        break
+                b.sendall(bytes(sec))
+                ended = typ == SEC_END
+            if not passing:
+                buf.clear()     # drain the source, forward nothing more
+        b.shutdown(socket.SHUT_WR)
+
+    def back(self):
+        try:
+            while True:
+                data = self.b.recv(4096)
+                if not data:
+                    break
+                if self.action == "drop-ack" and b"OKOK" in data:
+                    self.acted = True
+                    self.a.shutdown(socket.SHUT_RDWR)
+                    self.b.shutdown(socket.SHUT_RDWR)
+                    break
+                self.a.sendall(data)
+        except OSError:
+            pass
+
+    def device_names(self):
+        return [p[:16].rstrip(b"\0").decode() for t, p in self.sections if t == SEC_DEVICE]
+
+
+def test_stream_sections_and_rtc_state(vm_factory, tmp_path):
+    """Through a transparent proxy: the sections come in the documented
+    order, and the CMOS RTC's state (index, 128 bytes, clock offset) is a
+    DEVICE section of its own; the switch-over (OKOK, then GOGO) passes."""
+    src = vm_factory(cmdline="idle", memory=MEM).start()
+    real = str(tmp_path / "real.sock")
+    dst = dest(vm_factory, "unix:" + real)
+    proxy = SectionProxy(str(tmp_path / "proxy.sock"), real)
+    src.qmp.cmd("migrate", uri="unix:" + str(tmp_path / "proxy.sock"))
+    assert wait_migration(src)["status"] == "completed"
+    dst.qmp.wait_event("RESUME")
+    assert dst.guest("status")[0] == 0
+    types = [t for t, _ in proxy.sections]
+    assert types[:2] == [SEC_CONFIG, SEC_PREFAULT] and types[-1] == SEC_END, types
+    names = proxy.device_names()
+    tail = types[types.index(SEC_VM):]
+    assert tail == [SEC_VM, SEC_VCPU, SEC_MCE] + [SEC_DEVICE] * len(names) + [SEC_END], types
+    assert names in (["serial", "testdev", "rtc"], ["serial", "testdev", "rtc", "virtio-balloon"]), names
+    rtc = [p[16:] for t, p in proxy.sections if t == SEC_DEVICE and p.startswith(b"rtc\0")][0]
+    version, index, offset = struct.unpack_from("<IB3xq", rtc)
+    nvram = rtc[16:]
+    assert version == 1 and len(nvram) == 128 and index < 0x80, rtc
+    # Register A (divider), B (24-hour BCD), D (valid) as the device keeps them.
+    assert (nvram[0x0a], nvram[0x0b], nvram[0x0d]) == (0x26, 0x02, 0x80), nvram
+    end = struct.unpack("<QQQII", proxy.sections[-1][1])
+    assert end[4] == 2, end   # MIG_END_CONFIRM, not paused
+
+
+def walking_source(vm_factory):
+    src = vm_factory(cmdline="idle", memory=MEM).start()
+    assert src.guest("fill base=16M size=512K gen=6")[0] == 0
+    assert src.guest("walk base=%d size=%d" % (WALK_BASE, WALK_SIZE))[0] == 0
+    wait_sweeps(src, 2)
+    return src
+
+
+def check_resumed_intact(src):
+    """The source stopped its vCPUs for the last pass and resumed them after
+    the failure: STOP then RESUME, running, the walk goes on, memory intact."""
+    src.qmp.wait_event("STOP")
+    src.qmp.wait_event("RESUME")
+    assert src.qmp.cmd("query-status")["status"] == "running"
+    wait_sweeps(src, 2)
+    src.qmp.cmd("stop")
+    check_walk_consistent(src.pmemsave(WALK_BASE, WALK_SIZE))
+    src.qmp.cmd("cont")
+    assert src.guest("verify base=16M size=512K gen=6") == (0, "verify: ok pages=128")
+
+
+def dest_events(dst):
+    """Every event the destination emitted before it exited."""
+    try:
+        while True:
+            msg = dst.qmp.recv()
+            if "event" in msg:
+                dst.qmp.events.append(msg)
+    except (EOFError, OSError):
+        pass
+    return [e["event"] + ("/" + e["data"]["status"] if e["event"] == "MIGRATION" else "")
+            for e in dst.qmp.events]
+
+
+@pytest.mark.parametrize("action,kind,msg", [
+    ("flip", SEC_VCPU, "checksum mismatch"),
+    ("flip", SEC_DEVICE, "checksum mismatch"),
+    ("cut", SEC_END, "stream truncated"),
+])
+def test_failure_after_stop_resumes_source(vm_factory, tmp_path, action, kind, msg):
+    """A final section (vCPU, device, END) corrupted or cut short after the
+    source stopped its vCPUs: the destination refuses it (exit 1, never
+    runs), the source resumes with its memory intact."""
+    src = walking_source(vm_factory)
+    real = str(tmp_path / "real.sock")
+    dst = dest(vm_factory, "unix:" + real)
+    proxy = SectionProxy(str(tmp_path / "proxy.sock"), real, action=action, kind=kind)
+    src.qmp.cmd("migrate", uri="unix:" + str(tmp_path / "proxy.sock"))
+    r = wait_migration(src)
+    assert r["status"] == "failed" and r["error-desc"], r
+    assert proxy.acted
+    assert dst.wait_exit(30) == 1
+    assert "incoming migration failed" in dst.stderr() and msg in dst.stderr(), dst.stderr()
+    assert "RESUME" not in dest_events(dst)
+    assert migration_statuses(src, "failed") == ["setup", "active", "device", "failed"]
+    check_resumed_intact(src)
+
+
+def test_cancel_in_device_phase(vm_factory, tmp_path):
+    """migrate_cancel while the source waits, vCPUs stopped, for the
+    destination's answer (the proxy holds END back): cancelled, resumed."""
+    src = walking_source(vm_factory)
+    real = str(tmp_path / "real.sock")
+    dst = dest(vm_factory, "unix:" + real)
+    proxy = SectionProxy(str(tmp_path / "proxy.sock"), real, action="hold", kind=SEC_END)
+    src.qmp.cmd("migrate", uri="unix:" + str(tmp_path / "proxy.sock"))
+    deadline = time.time() + 60
+    while src.qmp.cmd("query-migrate")["status"] != "device" or not proxy.acted:
+        assert time.time() < deadline, src.qmp.cmd("query-migrate")
+        time.sleep(0.02)
+    assert src.qmp.cmd("query-status")["status"] == "finish-migrate"
+    src.qmp.cmd("migrate_cancel")
+    r = wait_migration(src)
+    assert r["status"] == "cancelled", r
+    assert migration_statuses(src, "cancelled") == ["setup", "active", "device", "cancelling",
+                                                    "cancelled"]
+    assert dst.wait_exit(30) == 1
+    assert "incoming migration failed: stream truncated" in dst.stderr(), dst.stderr()
+    assert "RESUME" not in dest_events(dst)
+    check_resumed_intact(src)
+
+
+def test_lost_acknowledgement_only_source_runs(vm_factory, tmp_path):
+    """The connection breaks after the destination loaded everything and
+    sent its OKOK but before the source got it: the source resumes; the
+    destination, never told GOGO, must not run the guest too."""
+    src = walking_source(vm_factory)
+    real = str(tmp_path / "real.sock")
+    dst = dest(vm_factory, "unix:" + real)
+    proxy = SectionProxy(str(tmp_path / "proxy.sock"), real, action="drop-ack")
+    src.qmp.cmd("migrate", uri="unix:" + str(tmp_path / "proxy.sock"))
+    r = wait_migration(src)
+    assert r["status"] == "failed", r
+    assert "before acknowledging" in r["error-desc"], r
+    assert proxy.acted
+    assert dst.wait_exit(30) == 1
+    assert "did not confirm the switch-over" in dst.stderr(), dst.stderr()
+    ev = dest_events(dst)
+    assert "RESUME" not in ev and "MIGRATION/completed" not in ev, ev
+    assert migration_statuses(src, "failed") == ["setup", "active", "device", "failed"]
+    check_resumed_intact(src)
