@@ -458,13 +458,21 @@ static void cmd_balloon_info(const char *name, char *rest)
 
 static void cmd_report_free(const char *name, char *rest)
 {
-	struct arg a[] = { { "base", 8ULL << 20 }, { "size", 2ULL << 20 } };
+	struct arg a[] = { { "base", 8ULL << 20 }, { "size", 2ULL << 20 }, { "any", 0 } };
 	char err[96];
-	uint64_t addr;
+	uint64_t addr, h = held;
 	uint32_t len;
 	uint16_t f = DESC_F_WRITE;   /* as Linux: device-writable buffers */
+	bool ok;
 
-	if (!parse_args(name, rest, a, 2) || !check_range(name, a[0].val, a[1].val))
+	if (!parse_args(name, rest, a, 3))
+		return;
+	/* any=1: a buggy driver that reports pages it gave to the balloon. */
+	if (a[2].val)
+		held = 0;
+	ok = check_range(name, a[0].val, a[1].val);
+	held = h;
+	if (!ok)
 		return;
 	if (a[1].val > 0x80000000ULL) {
 		reply(ERR, "report-free: error: size at most 2G per report");

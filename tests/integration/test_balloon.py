@@ -296,6 +296,22 @@ def test_free_page_reporting(vm_factory):
     assert stats(vm)["reported-bytes"] == 4 * MiB
 
 
+def test_reporting_ballooned_pages_keeps_them_ballooned(vm_factory):
+    """A driver that reports pages it gave to the balloon (report-free any=1):
+    they stay ballooned and counted, so the deflate brings the count to 0."""
+    vm = vm_factory(memory="64M").start()
+    balloon_to(vm, 60 * MiB)
+    assert vm.guest("report-free base=62M size=2M")[0] == 2          # the guest's own check
+    assert vm.guest("report-free base=58M size=4M any=1") == (0, "report-free: ok pages=1024")
+    s = stats(vm)
+    assert s["ballooned-pages"] == 1024 and s["reported-bytes"] == 4 * MiB, s
+    assert vm_pages(vm)["ballooned"] == 1024
+    balloon_to(vm, MEM)
+    s = stats(vm)
+    assert s["ballooned-pages"] == 0 and s["deflated-pages"] == 1024, s
+    assert vm_pages(vm)["ballooned"] == 0
+
+
 def test_stats_and_deflate_on_oom(vm_factory):
     vm = vm_factory(memory="64M").start()
     balloon_to(vm, 56 * MiB)
