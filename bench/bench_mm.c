@@ -5,7 +5,9 @@
  *
  * Prints markdown tables: metadata bytes per GiB of guest RAM for a guest of
  * 4 KiB folios and one of 2 MiB folios (and a 1 TiB guest that touches
- * little), then lookup/update throughput. No KVM needed: guest RAM is
+ * little), then lookup/update throughput, then dirty tracking of 2 MiB folios
+ * dirtied sparsely and repeatedly (per-page record vs split; `--dirty` runs
+ * only that table). No KVM needed: guest RAM is
  * populated through mm/ directly, or touched through the guest window to
  * take the userfaultfd first-touch path exactly as a vCPU would. */
 #include <errno.h>
@@ -15,6 +17,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "../mm/dirty.h"
 #include "../mm/mm.h"
 
 #define MiB (1ULL << 20)
@@ -288,20 +291,144 @@ static void bench_throughput(void)
 	printf("\n");
 }
 
+/* ---- dirty tracking of large folios dirtied sparsely and repeatedly
+ * (docs/dirty-tracking.md): keep the 2 MiB folio and record pages in the
+ * log's bitmap (mdvm), or split it into 4 KiB folios the first time. Per
+ * round, as a migration iteration does: the harvest records the pages
+ * (dirty_tracker_record, what vmm/dirty_kvm.c calls), then dirty_log_sync +
+ * dirty_log_take, and the bytes vmm/migration.c would send for the runs
+ * taken (a record per folio piece: 16 B header, presence bitmap, 4 KiB per
+ * page; pages assumed non-zero). */
+struct sent {
+	struct guest_mem *gm;
+	uint64_t bytes, records, folios_dirty, last_folio;
+};
+
+static int count_sent(void *opaque, uint64_t gfn, uint64_t nr)
+{
+	struct sent *c = opaque;
+	uint64_t end = gfn + nr;
+	while (gfn < end) {
+		struct folio *f = folio_get_gfn(c->gm, gfn);
+		uint64_t fs = f ? folio_gfn(f) : gfn, fe = f ? fs + folio_nr_pages(f) : gfn + 1;
+		uint64_t n = (fe < end ? fe : end) - gfn;
+		if (f)
+			folio_put(f);
+		c->bytes += 16 + 8 * ((n + 63) / 64) + n * PG;
+		c->records++;
+		if (gfn / 512 != c->last_folio) {   /* 2 MiB regions touched */
+			c->folios_dirty++;
+			c->last_folio = gfn / 512;
+		}
+		gfn += n;
+	}
+	return 0;
+}
+
+static void bench_dirty_sparse(void)
+{
+	const uint64_t ram = 256 * MiB, npages = ram / PG;
+	const unsigned hot = 32, rounds = quick ? 200 : 2000;
+	const unsigned ks[] = { 1, 8 };
+
+	printf("## Dirty tracking: 2 MiB folios dirtied sparsely and repeatedly\n\n");
+	printf("256 MiB guest of 2 MiB folios (anon); each round dirties k random pages in each of "
+	       "%u folios, then harvest-records them, syncs and takes the log (as one migration "
+	       "iteration); %u rounds. Bytes/round: what migration would send for the runs taken "
+	       "(16 B record + presence bitmap + 4 KiB per page; folio-only: the whole folio).\n\n",
+	       hot, rounds);
+	printf("| strategy | k | record ns/page | sync+take us/round | bytes sent/round | records/round "
+	       "| one-time cost | metadata of the %u folios |\n", hot);
+	printf("|---|---|---|---|---|---|---|---|\n");
+	for (unsigned ki = 0; ki < sizeof(ks) / sizeof(ks[0]); ki++) {
+		unsigned k = ks[ki];
+		double folio_only = 0;
+		for (int split = 0; split <= 1; split++) {
+			struct guest_mem *gm = create(ram, MM_BACKING_ANON, 512, -1);
+			struct dirty_tracker *t = dirty_tracker_create(gm, NULL);
+			char err[256];
+			struct dirty_log *l = dirty_log_open(t, err, sizeof(err));
+			struct sent c = { .gm = gm, .last_folio = UINT64_MAX };
+			uint64_t s = 0x9e3779b97f4a7c15ULL * (k + 1), hot_gfn[64];
+			struct mm_stats st0, st1;
+			if (!l) {
+				fprintf(stderr, "bench_mm: dirty_log_open: %s\n", err);
+				exit(1);
+			}
+			for (unsigned h = 0; h < hot; h++)   /* spread over the guest */
+				hot_gfn[h] = (uint64_t)h * (npages / hot);
+			mm_query_stats(gm, &st0);
+			double t_split = 0;
+			if (split) {
+				double t0 = now();
+				for (unsigned h = 0; h < hot; h++)
+					folio_split(gm, hot_gfn[h], 0);
+				t_split = now() - t0;
+			}
+			mm_query_stats(gm, &st1);
+			dirty_log_sync(l);
+			dirty_log_take(l, 0, npages, count_sent, &c);
+			c = (struct sent){ .gm = gm, .last_folio = UINT64_MAX };
+			double t_rec = 0, t_sync = 0;
+			for (unsigned r = 0; r < rounds; r++) {
+				uint64_t g[64 * 8];
+				for (unsigned h = 0; h < hot; h++)
+					for (unsigned j = 0; j < k; j++)
+						g[h * k + j] = hot_gfn[h] + xorshift(&s) % 512;
+				double t0 = now();
+				for (unsigned i = 0; i < hot * k; i++)
+					dirty_tracker_record(t, g[i], 1);
+				double t1 = now();
+				dirty_log_sync(l);
+				c.last_folio = UINT64_MAX;
+				dirty_log_take(l, 0, npages, count_sent, &c);
+				t_sync += now() - t1;
+				t_rec += t1 - t0;
+			}
+			if (!split)
+				folio_only = (double)c.folios_dirty / rounds * (16 + 64 + 512 * PG);
+			char b1[32], b2[32], one[48];
+			if (split)
+				snprintf(one, sizeof(one), "split: %.1f us per folio", t_split * 1e6 / hot);
+			else
+				snprintf(one, sizeof(one), "-");
+			printf("| %s | %u | %.1f | %.1f | %s | %.1f | %s | %s |\n",
+			       split ? "split to 4 KiB folios" : "per-page record (mdvm)", k,
+			       t_rec * 1e9 / ((double)rounds * hot * k), t_sync * 1e6 / rounds,
+			       human((double)c.bytes / rounds, b1, sizeof(b1)), (double)c.records / rounds, one,
+			       human(split ? (double)(st1.folio_bytes + st1.memdesc_bytes) -
+					     (double)(st0.folio_bytes + st0.memdesc_bytes) : 0, b2, sizeof(b2)));
+			dirty_log_close(l);
+			dirty_tracker_destroy(t);
+			mm_destroy(gm);
+		}
+		char b[32];
+		printf("| folio-only (whole folio resent) | %u | - | - | %s | %.1f | - | - |\n", k,
+		       human(folio_only, b, sizeof(b)), (double)hot);
+	}
+	printf("\n");
+}
+
 int main(int argc, char **argv)
 {
+	bool dirty_only = false;
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--quick")) {
 			quick = true;
+		} else if (!strcmp(argv[i], "--dirty")) {
+			dirty_only = true;
 		} else {
-			fprintf(stderr, "usage: bench_mm [--quick]\n");
+			fprintf(stderr, "usage: bench_mm [--quick] [--dirty]\n");
 			return 2;
 		}
 	}
 	printf("# mm/ memdesc benchmark\n\n");
 	printf("sizeof(memdesc_t) = %zu, sizeof(struct folio) = %zu\n\n", sizeof(memdesc_t),
 	       sizeof(struct folio));
-	bench_metadata();
-	bench_throughput();
+	if (!dirty_only) {
+		bench_metadata();
+		bench_throughput();
+	}
+	bench_dirty_sparse();
 	return 0;
 }
