@@ -29,6 +29,9 @@ void testdev_reset(struct testdev *t);
 int  testdev_post(struct testdev *t, const char *cmd, unsigned timeout_ms,
 		  testdev_done_fn done, void *opaque);
 uint32_t testdev_sweeps(struct testdev *t);
+/* The test guest's last machine-check report (TESTDEV_MCE_*). */
+struct testdev_mce { uint64_t status, addr; uint32_t errors, bad; };
+void testdev_mce_info(struct testdev *t, struct testdev_mce *out);
 /* A vCPU is wanted back (pause): end a guest's TESTDEV_WAIT now. */
 void testdev_kick(struct testdev *t);
 

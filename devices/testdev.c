@@ -22,6 +22,7 @@ struct testdev {
 	char cmd[TESTDEV_CMD_MAX];
 	uint32_t cmd_seq, ack_seq;
 	uint32_t status, sweeps;
+	struct testdev_mce mce;        /* the guest's last machine-check report */
 	char resp[TESTDEV_RESP_MAX];
 	size_t resp_len;
 	/* The command in flight (main-loop side). */
@@ -126,6 +127,19 @@ uint32_t testdev_sweeps(struct testdev *t)
 	return v;
 }
 
+void testdev_mce_info(struct testdev *t, struct testdev_mce *out)
+{
+	pthread_mutex_lock(&t->lock);
+	*out = t->mce;
+	pthread_mutex_unlock(&t->lock);
+}
+
+static void set_half(uint64_t *r, uint64_t off, uint64_t v)
+{
+	unsigned sh = (off & 4) ? 32 : 0;
+	*r = (*r & ~(0xffffffffULL << sh)) | ((v & 0xffffffffULL) << sh);
+}
+
 /* Guest acked `seq`: hand the response to the main loop. */
 static void testdev_ack(struct testdev *t, uint32_t seq)
 {
@@ -179,6 +193,14 @@ static void testdev_io(void *opaque, struct vcpu *vcpu, uint64_t off, uint8_t *d
 			break;
 		case TESTDEV_RESP_RESET: t->resp_len = 0; break;
 		case TESTDEV_SWEEPS:     t->sweeps = (uint32_t)v; break;
+		case TESTDEV_MCE_STATUS: case TESTDEV_MCE_STATUS + 4:
+			set_half(&t->mce.status, off, v);
+			break;
+		case TESTDEV_MCE_ADDR: case TESTDEV_MCE_ADDR + 4:
+			set_half(&t->mce.addr, off, v);
+			break;
+		case TESTDEV_MCE_BAD:    t->mce.bad = (uint32_t)v; break;
+		case TESTDEV_MCE_ERRORS: t->mce.errors = (uint32_t)v; break;
 		default: break;
 		}
 	} else {
@@ -209,6 +231,7 @@ void testdev_reset(struct testdev *t)
 	/* A rebooted guest starts counting from 0 again. */
 	t->cmd_seq = t->ack_seq = 0;
 	t->status = t->sweeps = 0;
+	memset(&t->mce, 0, sizeof(t->mce));
 	t->resp_len = 0;
 	memset(t->cmd, 0, sizeof(t->cmd));
 	fail = t->pending;
@@ -239,8 +262,9 @@ struct testdev_state {
 	uint32_t resp_len;
 	char cmd[TESTDEV_CMD_MAX];
 	char resp[TESTDEV_RESP_MAX];
+	struct testdev_mce mce;        /* v2 */
 };
-#define TESTDEV_STATE_VERSION 1
+#define TESTDEV_STATE_VERSION 2
 
 size_t testdev_save(struct testdev *t, void *buf, size_t cap)
 {
@@ -256,6 +280,7 @@ size_t testdev_save(struct testdev *t, void *buf, size_t cap)
 	st->status = t->status;
 	st->sweeps = t->sweeps;
 	st->resp_len = (uint32_t)t->resp_len;
+	st->mce = t->mce;
 	memcpy(st->cmd, t->cmd, sizeof(st->cmd));
 	memcpy(st->resp, t->resp, sizeof(st->resp));
 	pthread_mutex_unlock(&t->lock);
@@ -275,6 +300,7 @@ int testdev_load(struct testdev *t, const void *buf, size_t len)
 	t->status = st->status;
 	t->sweeps = st->sweeps;
 	t->resp_len = st->resp_len;
+	t->mce = st->mce;
 	memcpy(t->cmd, st->cmd, sizeof(t->cmd));
 	t->cmd[TESTDEV_CMD_MAX - 1] = 0;
 	memcpy(t->resp, st->resp, sizeof(t->resp));

@@ -15,6 +15,13 @@
 #define TESTDEV_RESP_CHAR 0x018  /* W8: append one byte to the response text (max 4095 bytes) */
 #define TESTDEV_RESP_RESET 0x01c /* W32: discard the response text collected so far */
 #define TESTDEV_SWEEPS    0x020  /* W32: guest reports completed walk sweeps (host exposes it) */
+/* The test guest's machine-check handler reports its last error here (W32
+ * each; STATUS and ADDR are 64-bit as two halves, low first; ERRORS is
+ * written last). The host exposes them in QMP query-guest. */
+#define TESTDEV_MCE_STATUS 0x028 /* W32 x2: last MCi_STATUS */
+#define TESTDEV_MCE_ADDR  0x030  /* W32 x2: last MCi_ADDR */
+#define TESTDEV_MCE_BAD   0x038  /* W32: pages dropped */
+#define TESTDEV_MCE_ERRORS 0x03c /* W32: errors handled */
 #define TESTDEV_CMD_BUF   0x100  /* R: NUL-terminated command text, 1/2/4/8-byte reads */
 #define TESTDEV_CMD_MAX   0x100  /* bytes, including the NUL */
 

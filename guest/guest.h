@@ -78,6 +78,11 @@ bool mce_page_bad(uint64_t page);
 uint64_t mce_next_bad(uint64_t p, uint64_t end);
 void mce_set_hold(bool hold);
 int  mce_status_text(char *buf, size_t size);
+/* Report AMD deferred (and corrected) errors, which raise no #MC: the
+ * workloads call it once per pass. Returns the errors found. */
+unsigned mce_poll(void);
+/* main.c: the last machine-check error to the test device (TESTDEV_MCE_*). */
+void testdev_mce(uint64_t status, uint64_t addr, uint32_t errors, uint32_t bad);
 
 /* main.c: used by the exception handler to fail an in-flight device command. */
 void testdev_fail_inflight(const char *text, uint32_t status);

@@ -385,6 +385,18 @@ static uint64_t for_good_pages(uint64_t base, uint64_t end, bool (*fn)(uint64_t 
 	return skipped;
 }
 
+void testdev_mce(uint64_t status, uint64_t addr, uint32_t errors, uint32_t bad)
+{
+	if (!testdev)
+		return;
+	mmio_write32(tdreg(TESTDEV_MCE_STATUS), (uint32_t)status);
+	mmio_write32(tdreg(TESTDEV_MCE_STATUS + 4), (uint32_t)(status >> 32));
+	mmio_write32(tdreg(TESTDEV_MCE_ADDR), (uint32_t)addr);
+	mmio_write32(tdreg(TESTDEV_MCE_ADDR + 4), (uint32_t)(addr >> 32));
+	mmio_write32(tdreg(TESTDEV_MCE_BAD), bad);
+	mmio_write32(tdreg(TESTDEV_MCE_ERRORS), errors);   /* last: the others are current */
+}
+
 static void cmd_walk(const char *name, char *rest)
 {
 	struct arg a[] = { { "base", 4 * MiB }, { "size", 4 * MiB }, { "sweeps", 0 } };
@@ -404,6 +416,7 @@ static void cmd_walk(const char *name, char *rest)
 	for (;;) {
 		sweep_checked(walk_base, balloon_clip(walk_base, walk_base + walk_size));
 		walk_sweeps++;
+		mce_poll();       /* AMD deferred errors: dropped from the next sweep */
 		balloon_poll();   /* `balloon auto=1`; the balloon's pages are never swept */
 		if (testdev) {
 			mmio_write32(tdreg(TESTDEV_SWEEPS), walk_sweeps);
@@ -471,6 +484,7 @@ static void cmd_fill(const char *name, char *rest)
 	if (!parse_args(name, rest, a, 3) || !check_range(name, a[0].val, a[1].val))
 		return;
 	struct fill_ctx c = { .gen = a[2].val };
+	mce_poll();
 	uint64_t skipped = for_good_pages(a[0].val, a[0].val + a[1].val, fill_page, &c);
 	if (skipped)
 		reply(STATUS_OK, "fill: done pages=%lu gen=%lu poisoned=%lu", c.pages, a[2].val, skipped);
@@ -485,6 +499,7 @@ static void cmd_verify(const char *name, char *rest)
 	if (!parse_args(name, rest, a, 3) || !check_range(name, a[0].val, a[1].val))
 		return;
 	struct fill_ctx c = { .gen = a[2].val };
+	mce_poll();
 	uint64_t skipped = for_good_pages(a[0].val, a[0].val + a[1].val, verify_page, &c);
 	if (c.fail)
 		return;
@@ -590,6 +605,7 @@ static void cmd_mce(const char *name, char *rest)
 		return;
 	if (a[0].val != 2)
 		mce_set_hold(a[0].val != 0);
+	mce_poll();
 	mce_status_text(text, sizeof(text));
 	reply(STATUS_OK, "%s", text);
 }
@@ -807,6 +823,7 @@ void guest_main(struct hvm_start_info *si)
 		uint32_t seq = mmio_read32(tdreg(TESTDEV_WAIT));   /* blocks up to ~50 ms */
 		if (seq == last_seq) {
 			balloon_poll();
+			mce_poll();       /* as Linux's periodic bank poll, every ~50 ms */
 			continue;
 		}
 		read_cmd(text);

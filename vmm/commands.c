@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../devices/devices.h"
 #include "../devices/testdev_regs.h"
 #include "../mm/mm.h"
 #include "commands.h"
@@ -409,7 +410,12 @@ static void cmd_query_guest(struct qmp_req *req, json_t *args, void *opaque)
 
 	if (!args_check(req, args, no_args))
 		return;
-	qmp_reply_ok(req, json_pack("{s:I}", "sweeps", (json_int_t)vm_guest_sweeps(vm)));
+	struct testdev_mce mc;
+
+	testdev_mce_info(vm_testdev(vm), &mc);
+	qmp_reply_ok(req, json_pack("{s:I, s:{s:I, s:I, s:I, s:I}}", "sweeps", (json_int_t)vm_guest_sweeps(vm),
+				    "mce", "errors", (json_int_t)mc.errors, "bad-pages", (json_int_t)mc.bad,
+				    "last-status", (json_int_t)mc.status, "last-addr", (json_int_t)mc.addr));
 }
 
 void commands_register(struct vm *vm)
