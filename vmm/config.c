@@ -1143,7 +1143,12 @@ void config_print_run_usage(void *stream)
 		"                       poison the guest page at GPA MS milliseconds after\n"
 		"                       start (default 0); KIND action-optional (default)\n"
 		"                       or action-required (ao/ar); repeatable\n"
-		"  -h, --help           show this help and exit\n",
+		"  -h, --help           show this help and exit\n"
+		"\n"
+		"Environment (docs/memory-errors.md):\n"
+		"  MDVM_MCE=auto|native|emulated|off   machine-check back end (default auto)\n"
+		"  MDVM_MCE_ENCODING=auto|intel|amd    memory-error encoding (default auto:\n"
+		"                       AMD on AMD/Hygon hosts, else Intel)\n",
 		CONFIG_MAX_CPUS);
 }
 

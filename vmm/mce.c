@@ -14,6 +14,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../mm/dirty.h"
@@ -68,6 +69,8 @@ struct mce {
 	enum mce_backend backend;
 	uint64_t mcg_cap;
 	bool amd;                      /* AMD encoding (MDVM_MCE_ENCODING) */
+	bool host_amd;                 /* host (and guest) vendor AMD or Hygon */
+	pid_t main_tid;                /* the main loop's thread */
 	int ncpus;
 	struct mce_vcpu **vcpus;
 	/* For the SIGBUS handler: read-only after creation. */
@@ -77,6 +80,7 @@ struct mce {
 	int sig_efd;
 	_Atomic uint64_t sig_ring[SIG_RING];   /* GPA + 1, or 1 << 63 | host address (outside RAM) */
 	_Atomic unsigned sig_head;
+	_Atomic uint64_t sig_fatal;    /* host address + 1: BUS_MCEERR_AR outside guest RAM */
 	/* Counters for query-mce. */
 	_Atomic uint64_t n_ao, n_ar, n_ignored, n_shutdown, n_host;
 };
@@ -126,37 +130,54 @@ static bool page_poisoned(struct mce *m, uint64_t gpa)
 	return memdesc_type(memdesc_lookup(m->gm, gpa >> MM_PAGE_SHIFT)) == MEMDESC_POISONED;
 }
 
+int mce_poison_gfn(struct guest_mem *gm, uint64_t gfn, bool *reserved)
+{
+	enum memdesc_type t = memdesc_type(memdesc_lookup(gm, gfn));
+	int rc = 0;
+
+	if (reserved)
+		*reserved = false;
+	/* A never-touched page has no host memory to fail: back it first, so
+	 * the guest still finds the error there. */
+	if (t == MEMDESC_UNBACKED || t == MEMDESC_BALLOONED)
+		rc = mm_populate(gm, gfn, 1, 0);
+	if (rc == 0)
+		rc = memdesc_memory_failure(gm, gfn);
+	/* The owner's answer is not the verdict: a reserved (firmware) page
+	 * reports -EIO after it was poisoned, and a page that stayed unbacked
+	 * reports 0 without being poisoned. */
+	if (memdesc_type(memdesc_lookup(gm, gfn)) == MEMDESC_POISONED) {
+		if (reserved)
+			*reserved = rc == -EIO;
+		return 0;
+	}
+	return rc < 0 ? rc : -EIO;
+}
+
 /* Make the page POISONED through its memdesc owner; 0 or -errno
  * (-EALREADY: poisoned before, -EFAULT: not RAM). */
 static int poison_page(struct mce *m, uint64_t gfn)
 {
 	enum memdesc_type t = memdesc_type(memdesc_lookup(m->gm, gfn));
+	bool reserved;
 	int rc;
 
 	if (t == MEMDESC_POISONED)
 		return -EALREADY;
 	if (t == MEMDESC_MMIO || !gpa_is_ram(m, gfn << MM_PAGE_SHIFT))
 		return -EFAULT;
-	/* A never-touched page has no host memory to fail: back it first, so
-	 * the guest still finds the error there. */
-	if (t == MEMDESC_UNBACKED || t == MEMDESC_BALLOONED) {
-		rc = mm_populate(m->gm, gfn, 1, 0);
-		if (rc < 0)
-			return rc;
-	}
-	rc = memdesc_memory_failure(m->gm, gfn);
-	if (memdesc_type(memdesc_lookup(m->gm, gfn)) == MEMDESC_POISONED) {
-		/* Not a guest write, but the page changed: a migration in
-		 * progress must send its new (poisoned) state again. */
-		struct dirty_tracker *t = dirty_tracker_of(m->gm);
-		if (t)
-			dirty_tracker_record(t, gfn, 1);
-		if (rc == -EIO)
-			pr_warn("memory error at GPA 0x%" PRIx64 " hit a reserved (firmware) page",
-				gfn << MM_PAGE_SHIFT);
-		return 0;
-	}
-	return rc < 0 ? rc : -EIO;
+	rc = mce_poison_gfn(m->gm, gfn, &reserved);
+	if (rc < 0)
+		return rc;
+	/* Not a guest write, but the page changed: a migration in progress
+	 * must send its new (poisoned) state again. */
+	struct dirty_tracker *dt = dirty_tracker_of(m->gm);
+	if (dt)
+		dirty_tracker_record(dt, gfn, 1);
+	if (reserved)
+		pr_warn("memory error at GPA 0x%" PRIx64 " hit a reserved (firmware) page",
+			gfn << MM_PAGE_SHIFT);
+	return 0;
 }
 
 /* ---- delivery on the vCPU thread */
@@ -183,6 +204,30 @@ static bool vcpu_mcip(struct mce_vcpu *mv)
 	struct { struct kvm_msrs h; struct kvm_msr_entry e[1]; } msrs = {
 		.h.nmsrs = 1, .e = { { .index = MSR_MCG_STATUS } } };
 	return ioctl(mv->fd, KVM_GET_MSRS, &msrs) == 1 && (msrs.e[0].data & MCG_STATUS_MCIP);
+}
+
+/* An action-optional error waits while the guest handles the last #MC
+ * (MCIP) and, with the AMD encoding (no #MC: found by the guest's poll),
+ * while the memory bank still holds an error the guest has not read, so
+ * it is not overwritten. */
+static bool vcpu_busy(struct mce_vcpu *mv)
+{
+	if (vcpu_mcip(mv))
+		return true;
+	if (!mv->m->amd)
+		return false;
+	if (mv->m->backend == MCE_EMULATED) {
+		bool val;
+		pthread_mutex_lock(&mv->lock);
+		val = mv->mca.bank[MCA_MEM_BANK].status & MCI_STATUS_VAL;
+		pthread_mutex_unlock(&mv->lock);
+		return val;
+	}
+	if (!mv->native_msrs)
+		return false;
+	struct { struct kvm_msrs h; struct kvm_msr_entry e[1]; } msrs = {
+		.h.nmsrs = 1, .e = { { .index = MSR_MC0_CTL + 4 * MCA_MEM_BANK + 1 } } };
+	return ioctl(mv->fd, KVM_GET_MSRS, &msrs) == 1 && (msrs.e[0].data & MCI_STATUS_VAL);
 }
 
 static void machine_check_shutdown(struct mce_vcpu *mv, uint64_t gpa, bool ar, bool recursive)
@@ -314,7 +359,7 @@ void mce_vcpu_pre_run(struct mce_vcpu *mv)
 		deliver(mv, s - 1, MCE_AR);
 		return;            /* one #MC per entry */
 	}
-	if (!atomic_load(&mv->pending) || vcpu_mcip(mv))
+	if (!atomic_load(&mv->pending) || vcpu_busy(mv))
 		return;            /* SRAO waits until the guest has handled the last one */
 	uint64_t gpa;
 	pthread_mutex_lock(&mv->lock);
@@ -495,6 +540,21 @@ static void sigbus_handler(int sig, siginfo_t *si, void *uc)
 			    hva - m->base - m->ranges[i].gpa < m->ranges[i].size)
 				gpa = hva - m->base;
 	if (code == BUS_MCEERR_AR) {
+		/* Outside guest RAM: fatal. Off the main thread, the main loop
+		 * emits MEMORY_FAILURE (hypervisor, fatal) first, as QEMU does,
+		 * and exits; this thread must not return to the bad access. */
+		if (gpa == UINT64_MAX && m && m->sig_efd >= 0 &&
+		    (pid_t)syscall(SYS_gettid) != m->main_tid) {
+			uint64_t one = 1, expect = 0;
+			if (atomic_compare_exchange_strong(&m->sig_fatal, &expect, (uint64_t)hva + 1)) {
+				ssize_t r = write(m->sig_efd, &one, sizeof(one));
+				(void)r;
+			}
+			struct timespec ts = { .tv_sec = 5 }, rem;
+			while (nanosleep(&ts, &rem) < 0 && errno == EINTR)
+				ts = rem;
+			/* The main loop did not exit: do it here, without event. */
+		}
 		if (gpa == UINT64_MAX)
 			sigbus_fatal("hardware memory error (SIGBUS BUS_MCEERR_AR) at host address ", hva,
 				     ", outside guest RAM: memory used by mdvm itself");
@@ -525,6 +585,18 @@ static void sig_ring_drain(void *opaque, uint32_t events)
 	(void)events;
 	if (read(m->sig_efd, &cnt, sizeof(cnt)) < 0)
 		return;
+	uint64_t fatal = atomic_load(&m->sig_fatal);
+	if (fatal) {
+		atomic_fetch_add(&m->n_host, 1);
+		qmp_emit_event("MEMORY_FAILURE",
+			       json_pack("{s:s, s:s, s:{s:b, s:b}}", "recipient", "hypervisor",
+					 "action", "fatal", "flags", "action-required", 1, "recursive", 0));
+		pr_err("fatal: hardware memory error (SIGBUS BUS_MCEERR_AR) at host address 0x%" PRIx64
+		       ", outside guest RAM: memory used by mdvm itself", fatal - 1);
+		qmp_server_stop();      /* delivers the event */
+		fflush(NULL);
+		_exit(1);
+	}
 	for (unsigned i = 0; i < SIG_RING; i++) {
 		uint64_t v = atomic_exchange(&m->sig_ring[i], 0);
 		if (!v)
@@ -604,13 +676,20 @@ struct mce *mce_create(struct vm *vm, int kvm_fd, int vm_fd, char *err, size_t e
 	m->vcpus = xcalloc(m->ncpus, sizeof(*m->vcpus));
 	m->mcg_cap = MCG_CTL_P | MCG_SER_P | MCA_BANKS;   /* no CMCI, no LMCE */
 	m->sig_efd = -1;
-	/* The guest sees the host's vendor; AMD Linux recovers only from AMD-
-	 * encoded errors. Intel's stays the default: the test guest expects it. */
+	m->main_tid = (pid_t)syscall(SYS_gettid);
+	/* The guest sees the host's vendor; Linux on AMD recovers only from
+	 * AMD-encoded errors (an Intel SRAO in kernel context panics it), so
+	 * the encoding follows the host vendor unless MDVM_MCE_ENCODING says. */
 	const char *enc = getenv("MDVM_MCE_ENCODING");
 	unsigned a, b, c, d;
-	bool host_amd = __get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541;   /* "Auth"enticAMD */
-	m->amd = enc && (!strcmp(enc, "amd") || (!strcmp(enc, "auto") && host_amd));
-	if (enc && *enc && strcmp(enc, "amd") && strcmp(enc, "auto") && strcmp(enc, "intel")) {
+	if (__get_cpuid(0, &a, &b, &c, &d))
+		m->host_amd = (b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163) ||  /* AuthenticAMD */
+			      (b == 0x6f677948 && d == 0x6e65476e && c == 0x656e6975);     /* HygonGenuine */
+	if (!enc || !*enc || !strcmp(enc, "auto"))
+		m->amd = m->host_amd;
+	else if (!strcmp(enc, "amd") || !strcmp(enc, "intel"))
+		m->amd = !strcmp(enc, "amd");
+	else {
 		snprintf(err, errlen, "MDVM_MCE_ENCODING=%s: expected intel, amd or auto", enc);
 		goto fail;
 	}
@@ -644,11 +723,12 @@ struct mce *mce_create(struct vm *vm, int kvm_fd, int vm_fd, char *err, size_t e
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGBUS, &sa, NULL);
 	if (m->backend == MCE_OFF)
-		pr_warn("machine checks: off (KVM has neither MCE banks nor user-space MSR "
-			"filtering): memory errors are not reported to the guest");
+		pr_warn("machine checks: off (%s): memory errors are not reported to the guest",
+			want && !strcmp(want, "off") ? "MDVM_MCE=off"
+			: "KVM has neither MCE banks nor user-space MSR filtering");
 	else
-		pr_info("machine checks: %s back end (%u banks, MCG_CAP 0x%" PRIx64 ")",
-			backend_names[m->backend], MCA_BANKS, m->mcg_cap);
+		pr_info("machine checks: %s back end (%u banks, MCG_CAP 0x%" PRIx64 ", %s encoding)",
+			backend_names[m->backend], MCA_BANKS, m->mcg_cap, m->amd ? "amd" : "intel");
 	schedule_config(m);
 	return m;
 fail:
@@ -679,7 +759,12 @@ void mce_destroy(struct mce *m)
 
 void mce_cpuid_1(struct mce *m, uint32_t *edx)
 {
-	if (m && m->backend != MCE_OFF)
+	if (!m)
+		return;
+	/* Off: no machine-check architecture, so no guest expects one. */
+	if (m->backend == MCE_OFF)
+		*edx &= ~(CPUID_1_EDX_MCE | CPUID_1_EDX_MCA);
+	else
 		*edx |= CPUID_1_EDX_MCE | CPUID_1_EDX_MCA;
 }
 
@@ -687,8 +772,25 @@ void mce_cpuid_1(struct mce *m, uint32_t *edx)
  * an overflowed one with OVERFLOW_RECOV); KVM does not report them. */
 void mce_cpuid_80000007(struct mce *m, uint32_t *ebx)
 {
-	if (m && m->backend != MCE_OFF)
+	if (m && m->backend != MCE_OFF && m->host_amd)
 		*ebx |= (1u << 0) | (1u << 1);
+}
+
+/* Off: mce_cpuid_1 cleared MCE/MCA, but some KVMs (this project's
+ * kvm_pvm) set them again; then the guest finds KVM's own banks, which
+ * nothing ever fills. Say so rather than pretend. */
+static void off_cpuid_check(int fd)
+{
+	struct { struct kvm_cpuid2 h; struct kvm_cpuid_entry2 e[256]; } c;
+
+	memset(&c, 0, sizeof(c));
+	c.h.nent = 256;
+	if (ioctl(fd, KVM_GET_CPUID2, &c) < 0)
+		return;
+	for (unsigned i = 0; i < c.h.nent; i++)
+		if (c.e[i].function == 1 && (c.e[i].edx & (CPUID_1_EDX_MCE | CPUID_1_EDX_MCA)))
+			pr_warn("machine checks: off, but KVM keeps CPUID MCE/MCA set: the guest "
+				"sees KVM's own machine-check registers, never written by mdvm");
 }
 
 struct mce_vcpu *mce_vcpu_create(struct mce *m, int index, int fd, struct kvm_run *run,
@@ -696,6 +798,8 @@ struct mce_vcpu *mce_vcpu_create(struct mce *m, int index, int fd, struct kvm_ru
 {
 	struct mce_vcpu *mv;
 
+	if (m && m->backend == MCE_OFF && index == 0)
+		off_cpuid_check(fd);
 	if (!m || m->backend == MCE_OFF || index >= m->ncpus)
 		return NULL;
 	mv = xcalloc(1, sizeof(*mv));
@@ -769,7 +873,9 @@ int mce_inject_memory_error(struct mce *m, uint64_t gpa, uint64_t count, enum mc
 		snprintf(err, errlen, "cpu-index %d: the VM has vCPUs 0..%d", cpu, m->ncpus - 1);
 		return -1;
 	}
-	if (st == VM_STATE_SHUTDOWN || st == VM_STATE_INTERNAL_ERROR) {
+	/* Elsewhere the error would be lost: a migrated-away source, its
+	 * final pass (the pages are being sent), a destination not loaded. */
+	if (st != VM_STATE_RUNNING && st != VM_STATE_PAUSED && st != VM_STATE_PRELAUNCH) {
 		snprintf(err, errlen, "the VM is not running (status: %s)", vm_state_name(st));
 		return -1;
 	}
@@ -968,12 +1074,13 @@ static void schedule_config(struct mce *m)
  * architectural, so either back end loads what either saved; a guest
  * switched over in the middle of its #MC handler keeps MCIP set and its
  * banks, and a further error still shuts it down. */
-#define MCE_STATE_VERSION 1
+#define MCE_STATE_VERSION 2
 
 struct mce_state_hdr {
 	uint32_t version, backend;
 	uint64_t mcg_cap;
 	uint32_t ncpus, nbanks;
+	uint32_t amd, pad;   /* the encoding the guest has seen (v2) */
 };
 
 struct mce_state_vcpu {
@@ -1027,7 +1134,7 @@ void *mce_state_save(struct mce *m, size_t *len, char *err, size_t errlen)
 	uint8_t *buf = xcalloc(1, cap), *p = buf;
 	struct mce_state_hdr h = { .version = MCE_STATE_VERSION, .backend = m->backend,
 				   .mcg_cap = m->backend == MCE_OFF ? 0 : m->mcg_cap,
-				   .ncpus = (uint32_t)m->ncpus, .nbanks = nb };
+				   .ncpus = (uint32_t)m->ncpus, .nbanks = nb, .amd = m->amd };
 
 	memcpy(p, &h, sizeof(h));
 	p += sizeof(h);
@@ -1094,6 +1201,12 @@ int mce_state_load(struct mce *m, const void *data, size_t len, char *err, size_
 				backend_names[m->backend]), -1;
 	if (m->backend == MCE_OFF)
 		return 0;
+	/* The guest decodes its banks by what it has seen (and Linux by the
+	 * CPU vendor): the encoding cannot change under it. */
+	if (!!h.amd != m->amd)
+		return snprintf(err, errlen, "machine checks: %s encoding on the source, %s here "
+				"(MDVM_MCE_ENCODING must agree)", h.amd ? "amd" : "intel",
+				m->amd ? "amd" : "intel"), -1;
 	if (h.mcg_cap != m->mcg_cap || h.nbanks != MCA_BANKS || h.ncpus != (uint32_t)m->ncpus)
 		return snprintf(err, errlen, "machine-check state: MCG_CAP 0x%" PRIx64 ", %u banks, %u vCPUs; "
 				"this VM 0x%" PRIx64 ", %u, %d", h.mcg_cap, h.nbanks, h.ncpus, m->mcg_cap,

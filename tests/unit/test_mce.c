@@ -140,6 +140,36 @@ START_TEST(overflow_and_disabled_reporting)
 }
 END_TEST
 
+/* AMD encoding: a deferred error is logged without #MC; a second one, or a
+ * consumed error, over an unread one overflows (which is why vmm/mce.c holds
+ * a deferred error until the guest has read the last one). */
+START_TEST(amd_deferred_then_consumed)
+{
+	uint64_t def = mca_status_amd_deferred(), con = mca_status_amd_consumed();
+
+	ck_assert_uint_eq(def, 0x9c00180000000000ULL);
+	ck_assert_uint_eq(con, 0xbd00080000000000ULL);
+	ck_assert_int_eq(mca_inject(&m, MCA_MEM_BANK, def, 0x5000, MCI_MISC_PHYS_4K, 0, true),
+			 MCA_INJECT_LOGGED);
+	ck_assert_uint_eq(rd(MSR_MCG_STATUS), 0);                 /* no #MC in progress */
+	ck_assert_uint_eq(rd(MSR_MC0_CTL + 4 * MCA_MEM_BANK + 1), def);
+	ck_assert_uint_eq(rd(MSR_MC0_CTL + 4 * MCA_MEM_BANK + 2), 0x5000);
+	ck_assert_int_eq(mca_inject(&m, MCA_MEM_BANK, def, 0x6000, MCI_MISC_PHYS_4K, 0, true),
+			 MCA_INJECT_LOGGED);
+	ck_assert_uint_eq(rd(MSR_MC0_CTL + 4 * MCA_MEM_BANK + 1), def | MCI_STATUS_OVER);
+	ck_assert_uint_eq(rd(MSR_MC0_CTL + 4 * MCA_MEM_BANK + 2), 0x6000);   /* the first is lost */
+	uint64_t mcg = MCG_STATUS_MCIP | MCG_STATUS_EIPV | MCG_STATUS_RIPV;
+	ck_assert_int_eq(mca_inject(&m, MCA_MEM_BANK, con, 0x7000, MCI_MISC_PHYS_4K, mcg, true),
+			 MCA_INJECT_RAISE);
+	ck_assert_uint_eq(rd(MSR_MC0_CTL + 4 * MCA_MEM_BANK + 1), con | MCI_STATUS_OVER);
+	ck_assert_uint_eq(rd(MSR_MCG_STATUS), mcg);
+	/* A deferred error while the consumed one is unread: it stays. */
+	ck_assert_int_eq(mca_inject(&m, MCA_MEM_BANK, def, 0x8000, MCI_MISC_PHYS_4K, 0, true),
+			 MCA_INJECT_LOGGED);
+	ck_assert_uint_eq(rd(MSR_MC0_CTL + 4 * MCA_MEM_BANK + 2), 0x7000);
+}
+END_TEST
+
 START_TEST(inject_at_parse)
 {
 	struct mce_inject_at a;
@@ -188,6 +218,7 @@ Suite *mce_suite(void)
 	tcase_add_test(tc, srao_then_handler_then_srar);
 	tcase_add_test(tc, mcip_means_shutdown);
 	tcase_add_test(tc, overflow_and_disabled_reporting);
+	tcase_add_test(tc, amd_deferred_then_consumed);
 	suite_add_tcase(s, tc);
 	tc = tcase_create("config");
 	tcase_add_test(tc, inject_at_parse);
