@@ -560,6 +560,19 @@ static void cmd_exit(const char *name, char *rest)
 	halt_forever();
 }
 
+/* `reset`: the reset control register (SYS_RST|RST_CPU, as on QEMU's PIIX). */
+static void cmd_reset(const char *name, char *rest)
+{
+	if (!parse_args(name, rest, NULL, 0))
+		return;
+	reply(STATUS_OK, "reset: ok");
+	ack(cur);
+	outb(MDVM_RESET_PORT, 0x06);
+	tsc_delay(1ULL << 28);   /* QEMU resets asynchronously */
+	kprintf("reset: still running, halting\n");
+	halt_forever();
+}
+
 static void cmd_echo(const char *name, char *rest)
 {
 	reply(STATUS_OK, "%s", skip_space(rest));
@@ -621,6 +634,7 @@ static const struct {
 	{ "idle", cmd_idle },
 	{ "poweroff", cmd_poweroff },
 	{ "exit", cmd_exit },
+	{ "reset", cmd_reset },
 	{ "echo", cmd_echo },
 	{ "status", cmd_status },
 	{ "fault", cmd_fault },

@@ -1,5 +1,6 @@
 import fcntl
 import os
+import subprocess
 import sys
 
 import pytest
@@ -44,6 +45,18 @@ def pytest_sessionstart(session):
     for f in (mdvmtest.MDVM, mdvmtest.GUEST):
         if not os.path.exists(f):
             pytest.exit("build first: %s is missing (make all)" % f, returncode=3)
+
+
+@pytest.fixture(scope="session")
+def kvm_fail_shim(tmp_path_factory):
+    """kvm_fail_shim.c built as an LD_PRELOAD library: MDVM_FAIL_IOCTL=NAME
+    makes that KVM ioctl fail (see the file)."""
+    so = str(tmp_path_factory.mktemp("shim") / "kvm_fail_shim.so")
+    r = subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", so,
+                        os.path.join(os.path.dirname(__file__), "kvm_fail_shim.c"), "-ldl"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return so
 
 
 @pytest.fixture

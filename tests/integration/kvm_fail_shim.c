@@ -3,6 +3,7 @@
  *   MDVM_FAIL_IOCTL=KVM_CREATE_VM   the ioctl to fail (names below)
  *   MDVM_FAIL_ERRNO=12              errno it fails with (default ENOMEM)
  *   MDVM_FAIL_SKIP=1                let that many calls succeed first (default 0)
+ *   MDVM_FAIL_IF_EXISTS=PATH        fail only once PATH exists (a test's trigger)
  *
  * Every other ioctl goes to libc's. */
 #define _GNU_SOURCE
@@ -12,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <unistd.h>
 #include <linux/kvm.h>
 
 static const struct {
@@ -48,7 +50,10 @@ int ioctl(int fd, unsigned long req, ...)
 				static int calls;
 				const char *skip = getenv("MDVM_FAIL_SKIP");
 				const char *e = getenv("MDVM_FAIL_ERRNO");
+				const char *trigger = getenv("MDVM_FAIL_IF_EXISTS");
 
+				if (trigger && access(trigger, F_OK) != 0)
+					break;
 				if (skip && __atomic_fetch_add(&calls, 1, __ATOMIC_SEQ_CST) < atoi(skip))
 					break;
 				errno = e ? atoi(e) : ENOMEM;

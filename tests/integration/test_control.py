@@ -93,7 +93,45 @@ def test_system_reset(vm):
 
 def test_quit(vm):
     vm.qmp.cmd("quit")
+    ev = vm.qmp.wait_event("SHUTDOWN", timeout=10)
+    assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}
+    assert set(ev["timestamp"]) == {"seconds", "microseconds"}
     assert vm.wait_exit(10) == 0
+    assert not os.path.exists(vm.sock)
+
+
+@pytest.mark.parametrize("command,reason,status", [
+    ("poweroff", "guest-shutdown", 0),
+    ("exit code=7", "guest-shutdown", 7),   # the debug-exit port
+    ("reset", "guest-reset", 0),            # 0xcf9: mdvm exits, as QEMU with -no-reboot
+])
+def test_guest_ends_the_vm(vm, command, reason, status):
+    """The guest powers off, exits or resets: SHUTDOWN with the documented
+    reason, then mdvm exits with the documented status."""
+    second = QMP(vm.sock).negotiate()   # every client gets the event
+    vm.qmp.send_raw(json.dumps({"execute": "guest-command", "arguments": {"command": command}}))
+    for q in (vm.qmp, second):
+        ev = q.wait_event("SHUTDOWN", timeout=10)
+        assert ev["data"] == {"guest": True, "reason": reason}, ev
+    second.close()
+    assert vm.wait_exit(10) == status, vm.stderr()
+    assert not os.path.exists(vm.sock)
+
+
+def test_vmm_error_shutdown_is_guest_panic(vm_factory, kvm_fail_shim, tmp_path, monkeypatch):
+    """mdvm stops the VM on an error (here KVM_RUN fails, injected once the
+    trigger file exists): SHUTDOWN guest-panic, exit status 1."""
+    trigger = tmp_path / "fail-kvm-run-now"
+    monkeypatch.setenv("LD_PRELOAD", kvm_fail_shim)
+    monkeypatch.setenv("MDVM_FAIL_IOCTL", "KVM_RUN")
+    monkeypatch.setenv("MDVM_FAIL_IF_EXISTS", str(trigger))
+    vm = vm_factory(cmdline="idle").start()
+    assert vm.guest("echo still-fine") == (0, "still-fine")
+    trigger.touch()   # the idle guest leaves KVM_RUN at least every 50 ms
+    ev = vm.qmp.wait_event("SHUTDOWN", timeout=10)
+    assert ev["data"] == {"guest": True, "reason": "guest-panic"}, ev
+    assert vm.wait_exit(10) == 1
+    assert "KVM_RUN failed: Cannot allocate memory" in vm.stderr(), vm.stderr()
 
 
 def test_guest_command_errors(vm):

@@ -12,14 +12,9 @@ from mdvmtest import GUEST, MDVM
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def shim(tmp_path_factory):
-    so = str(tmp_path_factory.mktemp("shim") / "kvm_fail_shim.so")
-    r = subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", so,
-                        os.path.join(HERE, "kvm_fail_shim.c"), "-ldl"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return so
+@pytest.fixture
+def shim(kvm_fail_shim):
+    return kvm_fail_shim
 
 
 def run_failing(shim, ioctl, err, *extra, skip=0):
