@@ -75,14 +75,20 @@ unit-asan: $(B)/unit-tests-asan
 	CK_FORK=no ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $(B)/unit-tests-asan
 
 integration: $(MDVM) $(GUEST)
-	/usr/bin/python3 -m pytest -q tests/integration
+	/usr/bin/python3 -m pytest -q -rs tests/integration
 
+# Stages run in order and stop at the first failure; their wall times are
+# printed at the end (after a failure too), for information only.
+TEST_STAGES = all unit unit-asan integration $(TEST_EXTRA)
 test: deps
-	$(MAKE) all
-	$(MAKE) unit
-	$(MAKE) unit-asan
-	$(MAKE) integration
-	$(if $(strip $(TEST_EXTRA)),$(MAKE) $(TEST_EXTRA))
+	@times=""; rc=0; \
+	for s in $(TEST_STAGES); do \
+		echo "$(MAKE) $$s"; t0=$$(date +%s); \
+		$(MAKE) $$s || rc=$$?; \
+		times="$$times$$(printf '  %-14s %5d s' $$s $$(($$(date +%s) - t0)))\n"; \
+		[ $$rc -eq 0 ] || break; \
+	done; \
+	printf 'make test: stage wall times\n%b' "$$times"; exit $$rc
 
 bench: deps
 	$(MAKE) all

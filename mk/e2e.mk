@@ -2,5 +2,5 @@
 # QEMU TCG (tests/e2e, docs/linux-guests.md). Downloads are cached in .e2e-cache/.
 .PHONY: e2e
 e2e: $(MDVM)
-	/usr/bin/python3 -m pytest -q -s tests/e2e
+	/usr/bin/python3 -m pytest -q -rs -s tests/e2e
 TEST_EXTRA += e2e
