@@ -51,3 +51,21 @@ def test_memory_sizes_and_high_ram(vm_factory, memory):
         assert st == 0, text
         assert vm.guest("verify base=0x100000000 size=64K gen=3") == (0, "verify: ok pages=16")
         check_fill_dump(vm.pmemsave(0x100000000, 64 << 10), 0x100000000, 3)
+
+
+def test_verify_reports_first_mismatch_mid_range(vm):
+    """One page in the middle refilled with another generation: verify names
+    exactly that page (and what it found), not the start of the range."""
+    assert vm.guest("fill base=8M size=1M gen=5") == (0, "fill: done pages=256 gen=5")
+    bad = (8 << 20) + 0x5b000   # page 91 of 256
+    assert vm.guest("fill base=0x%x size=4K gen=6" % bad) == (0, "fill: done pages=1 gen=6")
+    st, text = vm.guest("verify base=8M size=1M gen=5")
+    assert st == 1, text
+    assert text == "verify: FAIL page=0x%x got=0x%x want=0x%x off=0" % (
+        bad, fill_pattern(bad >> 12, 6), fill_pattern(bad >> 12, 5)), text
+    # The pages after it are intact: verifying past it is ok again.
+    assert vm.guest("verify base=0x%x size=0x%x gen=5" % (bad + PAGE, (9 << 20) - bad - PAGE)) == \
+        (0, "verify: ok pages=%d" % (((9 << 20) - bad - PAGE) // PAGE))
+    dump = vm.pmemsave(8 << 20, 1 << 20)
+    check_fill_dump(dump[:bad - (8 << 20)], 8 << 20, 5)
+    check_fill_dump(dump[bad - (8 << 20):bad - (8 << 20) + PAGE], bad, 6)
