@@ -761,11 +761,16 @@ int vm_pause(struct vm *vm)
 int vm_resume(struct vm *vm)
 {
 	pthread_mutex_lock(&vm->lock);
-	if (vm->state != VM_STATE_PAUSED) {
+	/* postmigrate too: the operator's way back when the destination failed
+	 * after the handover (QEMU allows the same); the source still holds
+	 * the whole guest. */
+	if (vm->state != VM_STATE_PAUSED && vm->state != VM_STATE_POSTMIGRATE) {
 		int ret = vm->state == VM_STATE_RUNNING ? 0 : -1;
 		pthread_mutex_unlock(&vm->lock);
 		return ret;
 	}
+	if (vm->state == VM_STATE_POSTMIGRATE)
+		pr_info("resuming the guest after it migrated away: the destination must not be running");
 	vm->state = VM_STATE_RUNNING;
 	pthread_mutex_unlock(&vm->lock);
 	vm_unpark_all(vm);

@@ -514,7 +514,8 @@ class SectionProxy:
     "Stream format") and records the sections. On the first section of type
     `kind` it can flip a payload byte, cut the stream in the middle of it,
     or hold it and everything after; or it drops the destination's final
-    acknowledgement (OKOK) and hangs up on both sides."""
+    acknowledgement (OKOK), or the source's go-ahead (GOGO), and hangs up
+    on both sides."""
 
     def __init__(self, listen_path, target_path, action=None, kind=None):
         self.ls = socket.socket(socket.AF_UNIX)
@@ -546,6 +547,11 @@ class SectionProxy:
             buf += data
             while passing:
                 if ended:        # after END: the source's GOGO, raw
+                    if self.action == "drop-go":
+                        self.acted = True
+                        a.shutdown(socket.SHUT_RDWR)
+                        b.shutdown(socket.SHUT_RDWR)
+                        return
                     b.sendall(bytes(buf))
                     buf.clear()
                     break
@@ -730,3 +736,28 @@ def test_lost_acknowledgement_only_source_runs(vm_factory, tmp_path):
     assert "RESUME" not in ev and "MIGRATION/completed" not in ev, ev
     assert migration_statuses(src, "failed") == ["setup", "active", "device", "failed"]
     check_resumed_intact(src)
+
+
+def test_lost_go_ahead_source_resumed_by_cont(vm_factory, tmp_path):
+    """The source's GOGO is lost: the source has handed over (completed,
+    postmigrate), the destination, never told to run, exits 1. Neither runs
+    the guest; `cont` on the source brings it back (as in QEMU), intact."""
+    src = walking_source(vm_factory)
+    real = str(tmp_path / "real.sock")
+    dst = dest(vm_factory, "unix:" + real)
+    proxy = SectionProxy(str(tmp_path / "proxy.sock"), real, action="drop-go")
+    src.qmp.cmd("migrate", uri="unix:" + str(tmp_path / "proxy.sock"))
+    r = wait_migration(src)
+    assert r["status"] == "completed", r
+    assert proxy.acted
+    assert dst.wait_exit(30) == 1
+    assert "RESUME" not in dest_events(dst)
+    assert src.qmp.cmd("query-status")["status"] == "postmigrate"
+    src.qmp.cmd("cont")
+    src.qmp.wait_event("RESUME")
+    assert src.qmp.cmd("query-status")["status"] == "running"
+    wait_sweeps(src, 2)
+    src.qmp.cmd("stop")
+    check_walk_consistent(src.pmemsave(WALK_BASE, WALK_SIZE))
+    src.qmp.cmd("cont")
+    assert src.guest("verify base=16M size=512K gen=6") == (0, "verify: ok pages=128")
