@@ -4,6 +4,7 @@ parses and validates everything, prints the resolved config and creates no VM;
 the shipped walk and hugetlb configs are also booted."""
 import glob
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -202,6 +203,12 @@ def test_help():
     for opt in ("--config", "--memory", "--cpus", "--kernel", "--cmdline", "--control",
                 "--console", "--backing", "--reserve-hugepages", "--help"):
         assert opt in r.stdout, opt
+    # Every option of --help is in docs/configuration.md's options table.
+    with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
+        table = [l for l in f if l.startswith("| `-")]
+    documented = set(re.findall(r"`(--[a-z-]+)", "".join(table)))
+    offered = set(re.findall(r"^\s+(?:-h, )?(--[a-z-]+)", r.stdout, re.M))
+    assert len(offered) >= 14 and offered <= documented, offered - documented
 
 
 def test_memballoon_features(tmp_path):
