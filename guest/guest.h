@@ -81,6 +81,7 @@ int  mce_status_text(char *buf, size_t size);
 /* Report AMD deferred (and corrected) errors, which raise no #MC: the
  * workloads call it once per pass. Returns the errors found. */
 unsigned mce_poll(void);
+void mce_poll_periodic(void);   /* mce_poll at most every ~2^24 TSC cycles */
 /* main.c: the last machine-check error to the test device (TESTDEV_MCE_*). */
 void testdev_mce(uint64_t status, uint64_t addr, uint32_t errors, uint32_t bad);
 

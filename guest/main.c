@@ -416,7 +416,7 @@ static void cmd_walk(const char *name, char *rest)
 	for (;;) {
 		sweep_checked(walk_base, balloon_clip(walk_base, walk_base + walk_size));
 		walk_sweeps++;
-		mce_poll();       /* AMD deferred errors: dropped from the next sweep */
+		mce_poll_periodic();   /* AMD deferred errors: dropped from the next sweeps */
 		balloon_poll();   /* `balloon auto=1`; the balloon's pages are never swept */
 		if (testdev) {
 			mmio_write32(tdreg(TESTDEV_SWEEPS), walk_sweeps);
