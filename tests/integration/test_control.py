@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mdvmtest import MDVM, QMP, QMPError, check_walk_consistent
+from mdvmtest import MDVM, QMP, ROOT, QMPError, check_walk_consistent
 
 
 def test_socket_mode_and_greeting(vm):
@@ -148,6 +148,11 @@ def test_query_commands_and_version(vm):
               "query-cpus-fast", "guest-command", "query-memory"):
         assert n in names
     assert "qemu" in vm.qmp.cmd("query-version")
+    # docs/control.md lists every command the server has.
+    with open(os.path.join(ROOT, "docs", "control.md")) as f:
+        doc = f.read()
+    missing = sorted(n for n in names if "`%s`" % n not in doc)
+    assert not missing, "not in docs/control.md: %s" % missing
 
 
 @pytest.mark.parametrize("junk", [
