@@ -39,8 +39,11 @@ static void hold_setup_lines(void)
 {
 	int fd = memfd_create("mdvm-setup-stderr", MFD_CLOEXEC);
 
-	if (fd < 0)
-		return;   /* then they are simply printed as they come */
+	if (fd <= STDERR_FILENO) {   /* none, or stderr was closed: print as they come */
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
 	real_stderr = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
 	if (real_stderr < 0 || dup2(fd, STDERR_FILENO) < 0) {
 		if (real_stderr >= 0)
