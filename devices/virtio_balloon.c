@@ -43,6 +43,9 @@ struct virtio_balloon {
 	uint16_t stats_head;
 	uint64_t ballooned, inflated, deflated, reported_bytes, released_bytes;
 	uint64_t inflate_ns, report_ns;   /* host time spent handling those queues */
+	bool busy;                     /* a release met a folio someone holds (-EBUSY) */
+	unsigned retries;              /* of the chain at the head of retry_q */
+	int retry_q, retry_timer;
 	bool have_stats;
 	int64_t stats_time;
 	uint64_t stats[VIRTIO_BALLOON_S_NR];
@@ -53,6 +56,12 @@ struct virtio_balloon {
 	struct vq_elem elem;           /* popped chain (4 KiB: not on a stack) */
 	uint32_t pfns[1024];
 };
+
+/* A folio held by someone (the migration sender copying it) cannot be
+ * split or freed: the chain is processed again after a short wait, up to
+ * about 2 s, then completed with the pages left as they are. */
+#define BALLOON_RETRY_MS  5
+#define BALLOON_RETRY_MAX 400
 
 static const uint64_t balloon_features =
 	(1ULL << VIRTIO_BALLOON_F_STATS_VQ) | (1ULL << VIRTIO_BALLOON_F_DEFLATE_ON_OOM) |
@@ -88,7 +97,9 @@ static int release_run(struct virtio_balloon *b, uint64_t gfn, uint64_t nr, enum
 		return 0;
 	r = mm_release_range_freed(b->gm, gfn, nr, type, &freed);
 	b->released_bytes += freed;
-	if (r < 0 && r != -EOPNOTSUPP)
+	if (r == -EBUSY && b->retries < BALLOON_RETRY_MAX)
+		b->busy = true;   /* tried again later */
+	else if (r < 0 && r != -EOPNOTSUPP)
 		pr_warn("virtio-balloon: releasing guest pages 0x%" PRIx64 "+%" PRIu64 " failed: %s",
 			gfn, nr, strerror(-r));
 	return r;
@@ -119,7 +130,9 @@ static void balloon_run(struct virtio_balloon *b, uint64_t gfn, uint64_t nr, boo
 }
 
 /* Inflate (to BALLOONED) or deflate (BALLOONED to UNBACKED) the page frames
- * of one chain. Runs of consecutive frames go to mm/ in one call. */
+ * of one chain. Runs of consecutive frames go to mm/ in one call. 1: a page
+ * was busy, process the chain again later (pages already done are skipped
+ * then). */
 static int balloon_pfns(struct virtio_balloon *b, struct vq_elem *e, bool inflate)
 {
 	struct virtio_mmio *t = b->t;
@@ -182,7 +195,7 @@ static int balloon_pfns(struct virtio_balloon *b, struct vq_elem *e, bool inflat
 		}
 	}
 	balloon_run(b, run_start, run_len, inflate);
-	return 0;
+	return b->busy ? 1 : 0;
 }
 
 /* struct virtio_balloon_stat { le16 tag; le64 val; } packed, 10 bytes each. */
@@ -255,6 +268,25 @@ static int balloon_report(struct virtio_balloon *b, struct vq_elem *e)
 	return 0;
 }
 
+static void balloon_queue_notify(void *dev, struct virtio_mmio *t, unsigned q);
+
+static void retry_on_main(void *opaque)
+{
+	struct virtio_balloon *b = opaque;
+	enum vm_state st = vm_get_state(b->vm);
+
+	virtio_mmio_lock(b->t);
+	b->retry_timer = 0;
+	if (st == VM_STATE_FINISH_MIGRATE) {
+		/* No guest memory changes now; a completed migration leaves
+		 * the chain to the destination (it was not consumed). */
+		b->retry_timer = loop_add_timer(20, retry_on_main, b);
+	} else if (st != VM_STATE_POSTMIGRATE && b->retry_q >= 0 && !virtio_mmio_broken(b->t)) {
+		balloon_queue_notify(b, b->t, (unsigned)b->retry_q);
+	}
+	virtio_mmio_unlock(b->t);
+}
+
 static void balloon_queue_notify(void *dev, struct virtio_mmio *t, unsigned q)
 {
 	struct virtio_balloon *b = dev;
@@ -273,6 +305,7 @@ static void balloon_queue_notify(void *dev, struct virtio_mmio *t, unsigned q)
 		if (r == 0)
 			break;
 		uint64_t t0 = monotonic_ns();
+		b->busy = false;
 		switch (b->role[q]) {
 		case BQ_INFLATE:
 			r = balloon_pfns(b, &b->elem, true);
@@ -300,6 +333,16 @@ static void balloon_queue_notify(void *dev, struct virtio_mmio *t, unsigned q)
 		}
 		if (r < 0)
 			break;
+		if (r == 1) {
+			/* Not consumed: the next look (or a destination) takes it. */
+			vq->last_avail--;
+			b->retries++;
+			b->retry_q = (int)q;
+			if (!b->retry_timer)
+				b->retry_timer = loop_add_timer(BALLOON_RETRY_MS, retry_on_main, b);
+			break;
+		}
+		b->retries = 0;
 		if (vq_push(vq, b->elem.head, 0) < 0) {
 			virtio_mmio_needs_reset(t, "cannot write the device ring");
 			break;
@@ -377,6 +420,8 @@ static void balloon_reset(void *dev)
 	 * wants them); the next driver inflates from `actual` again. */
 	b->stats_held = false;
 	b->stats_q = -1;
+	b->retries = 0;
+	b->retry_q = -1;
 	for (unsigned i = 0; i < VIRTIO_MMIO_MAX_QUEUES; i++)
 		b->role[i] = BQ_NONE;
 }
@@ -401,6 +446,7 @@ struct virtio_balloon *virtio_balloon_create(struct vm *vm, uint64_t gpa, int ir
 	b->vm = vm;
 	b->gm = vm_mem(vm);
 	b->stats_q = -1;
+	b->retry_q = -1;
 	b->ops = balloon_ops;   /* per device: the features offered are configurable */
 	if (!deflate_on_oom)
 		b->ops.features &= ~(1ULL << VIRTIO_BALLOON_F_DEFLATE_ON_OOM);
