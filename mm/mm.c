@@ -548,7 +548,8 @@ static int release_range_freed_locked(struct guest_mem *gm, uint64_t gfn, uint64
 {
 	if (new_type != MEMDESC_UNBACKED && new_type != MEMDESC_BALLOONED)
 		return -EINVAL;
-	uint64_t end = gfn + nr, kept_region = UINT64_MAX, bytes = 0, live0 = gm->pool.live;
+	uint64_t end = gfn + nr, checked = UINT64_MAX, bytes = 0, live0 = gm->pool.live;
+	bool kept = false;
 	bool hugetlb = gm->backing == MM_BACKING_HUGETLB;
 	int ret = 0;
 	if (end > gm->md.npages)
@@ -561,10 +562,11 @@ static int release_range_freed_locked(struct guest_mem *gm, uint64_t gfn, uint64
 			continue;
 		}
 		uint64_t r = g >> REGION_SHIFT;
-		if (new_type == MEMDESC_UNBACKED && r != kept_region &&
-		    hugetlb_region_kept(gm, r, gfn, end))
-			kept_region = r;
-		if (r == kept_region) {
+		if (new_type == MEMDESC_UNBACKED && r != checked) {
+			checked = r;   /* releases in r do not change the answer */
+			kept = hugetlb_region_kept(gm, r, gfn, end);
+		}
+		if (new_type == MEMDESC_UNBACKED && kept) {
 			/* Not split for nothing: the folio stays as it is. */
 			ret = -EOPNOTSUPP;
 			g = f->gfn + folio_nr_pages(f);
