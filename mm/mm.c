@@ -399,7 +399,10 @@ static bool populatable(memdesc_t md)
 }
 
 /* Largest order <= order_max whose aligned block around gfn is RAM, lies
- * in [lo, hi) when clamped, and is wholly populatable. -1 if gfn is not. */
+ * in [lo, hi) when clamped, and is wholly populatable, all of one kind with
+ * gfn: a folio made for an untouched page never takes in ballooned
+ * neighbours (that would hand the balloon's pages back behind the
+ * driver's back). -1 if gfn is not populatable. */
 static int choose_order(struct guest_mem *gm, uint64_t gfn, unsigned order_max, bool clamp,
 			uint64_t lo, uint64_t hi, bool only_unbacked)
 {
@@ -412,9 +415,12 @@ static int choose_order(struct guest_mem *gm, uint64_t gfn, unsigned order_max, 
 		if (k == MM_MAX_ORDER && mdt_region_is(&gm->md, b >> REGION_SHIFT, 0))
 			return k;
 		bool ok = true;
+		memdesc_t kind = mdt_get(&gm->md, gfn);
+		if (memdesc_type(kind) == MEMDESC_BALLOONED && (b < lo || b + n > hi))
+			continue;   /* and a ballooned page only where asked */
 		for (uint64_t g = b; g < b + n && ok; g++) {
 			memdesc_t md = mdt_get(&gm->md, g);
-			ok = only_unbacked ? md == 0 : populatable(md);
+			ok = only_unbacked ? md == 0 : populatable(md) && md == kind;
 		}
 		if (ok)
 			return k;
@@ -442,6 +448,7 @@ static int populate_one(struct guest_mem *gm, uint64_t gfn, unsigned order,
 		folio_free(gm, f);
 		return rc;
 	}
+	memdesc_t was = mdt_get(&gm->md, gfn);   /* the block is all of one kind */
 	mdt_set_range(gm, gfn, 1ULL << order, memdesc_make(owner, f));
 	gm->folios[order]++;
 	slot_mark_needed(gm, gfn << MM_PAGE_SHIFT);
@@ -464,7 +471,7 @@ static int populate_one(struct guest_mem *gm, uint64_t gfn, unsigned order,
 	}
 	if ((rc = map_folio(gm, f, newmap))) {
 		atomic_store(&f->refcount, 0);
-		mdt_set_range(gm, gfn, 1ULL << order, memdesc_make(MEMDESC_UNBACKED, NULL));
+		mdt_set_range(gm, gfn, 1ULL << order, was);
 		gm->folios[order]--;
 		pool_unplace(gm, f, true);
 		folio_free(gm, f);

@@ -161,7 +161,7 @@ static void handle_fault(struct guest_mem *gm, uint64_t addr)
 	memdesc_t md = mdt_get(&gm->md, gfn);
 	switch (memdesc_type(md)) {
 	case MEMDESC_UNBACKED:
-	case MEMDESC_BALLOONED: {   /* touching a ballooned page deflates it */
+	case MEMDESC_BALLOONED: {   /* touching a ballooned page deflates it (that page only) */
 		int rc = populate_locked(gm, gfn, 1, gm->fault_order, MEMDESC_FOLIO);
 		if (rc) {
 			mm_log(gm, "guest RAM: cannot back GPA 0x%llx: %s",

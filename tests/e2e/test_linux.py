@@ -186,6 +186,9 @@ def test_balloon(images):
     ballooned = re.search(r'"ballooned":(\d+)', line)
     populated = re.search(r'"populated-bytes":(\d+)', line)
     run.check(ballooned and int(ballooned.group(1)) == 65536, "ballooned pages: %s" % line)
+    stats = next((l for l in run.console.splitlines() if l.startswith("E2E inflated-balloon ")), "")
+    dev = re.search(r'"ballooned-pages":(\d+)', stats)
+    run.check(dev and int(dev.group(1)) == 65536, "the device's ballooned-pages: %s" % stats)
     run.check(populated and int(populated.group(1)) <= 256 << 20,
               "%s bytes of guest RAM backed with 256 of 512 MiB ballooned" % (populated and populated.group(1)))
     print("balloon: %s" % st)

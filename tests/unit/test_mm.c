@@ -497,6 +497,20 @@ START_TEST(test_release_balloon)
 	/* the guest touches a ballooned page: it comes back (deflate), zeroed */
 	ck_assert_uint_eq(base[(g0 + 42) * PG], 0);
 	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g0 + 42)), MEMDESC_FOLIO);
+	/* ... that page only: its ballooned neighbours stay in the balloon */
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g0 + 41)), MEMDESC_BALLOONED);
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g0 + 43)), MEMDESC_BALLOONED);
+	/* Ballooned pages in an untouched region: a first touch next to them
+	 * backs the untouched pages around it, never the ballooned ones. */
+	uint64_t g1 = 6 * MiB / PG;
+	ck_assert_int_eq(mm_release_range(gm, g1 + 256, 64, MEMDESC_BALLOONED), 0);
+	base[(g1 + 200) * PG] = 7;
+	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g1 + 200)), MEMDESC_FOLIO);
+	for (unsigned i = 256; i < 320; i++)
+		ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g1 + i)), MEMDESC_BALLOONED);
+	mm_query_stats(gm, &st);
+	ck_assert_uint_eq(st.pages[MEMDESC_BALLOONED], 8 - 1 + 64);
+	ck_assert_int_eq(mm_release_range(gm, g1, 512, MEMDESC_UNBACKED), 0);
 	/* owner op path: release one page to unbacked */
 	ck_assert_int_eq(memdesc_release(gm, g0 + 100, MEMDESC_UNBACKED), 0);
 	ck_assert_int_eq(memdesc_type(memdesc_lookup(gm, g0 + 100)), MEMDESC_UNBACKED);

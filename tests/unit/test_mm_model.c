@@ -76,8 +76,9 @@ static void reconcile(struct guest_mem *gm, struct model *m, const char *op, uns
 					      step, op, (unsigned long long)g, memdesc_type_name(t));
 			continue;
 		}
-		if (t == MEMDESC_FOLIO &&
-		    (m->type[g] == MEMDESC_UNBACKED || m->type[g] == MEMDESC_BALLOONED) &&
+		/* A neighbour's touch may back an untouched page (a larger
+		 * folio), never a ballooned one. */
+		if (t == MEMDESC_FOLIO && m->type[g] == MEMDESC_UNBACKED &&
 		    m->v0[g] == 0 && m->v2[g] == 0) {
 			m->type[g] = MEMDESC_FOLIO;
 			continue;
