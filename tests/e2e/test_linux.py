@@ -127,7 +127,7 @@ def check_boot(run, cpus, mem_mib):
     run.check(run.host_epoch and 0 <= run.host_epoch - rtc <= 300,
               "guest RTC %s s since the epoch, host %s when mdvm exited" % (rtc, run.host_epoch))
     # The 16550 interrupts carried the console (8250 driver, IRQ 4).
-    run.check(int(a.get("ttyS0_irqs") or 0) > 0, "no ttyS0 interrupts: %s" % a.get("ttyS0_irqs"))
+    run.check(int(a.get("serial_irqs") or 0) > 0, "no ttyS0 interrupts: %s" % a.get("serial_irqs"))
     # virtio-balloon found through ACPI (a stock kernel has no virtio_mmio.device=)
     # and bound by Debian's module.
     run.check("insmod-failed" not in a, "a module did not load: %s" % a.get("insmod-failed"))
