@@ -4,6 +4,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #include "config.h"
@@ -81,10 +83,36 @@ static int setup_failed(const char *err)
 	return 1;
 }
 
+/* SIGINT/SIGTERM: the first one is handed to the main loop, which ends the
+ * VM as `quit` does but with a SHUTDOWN event "host-signal" and status
+ * 128+N (QEMU's shape); a second one quits at once, in case the loop is
+ * stuck. Only eventfd writes and loop_quit() here: async-signal-safe. */
+static int term_efd = -1;
+static volatile sig_atomic_t term_sig;
+
 static void on_terminate(int sig)
 {
-	(void)sig;
-	loop_quit(128 + sig);
+	uint64_t one = 1;
+
+	if (term_sig || term_efd < 0) {
+		loop_quit(128 + sig);
+		return;
+	}
+	term_sig = sig;
+	if (write(term_efd, &one, sizeof(one)) < 0)
+		loop_quit(128 + sig);
+}
+
+static void terminate_on_main(void *opaque, uint32_t events)
+{
+	uint64_t n;
+	char reason[64];
+
+	(void)events;
+	if (read(term_efd, &n, sizeof(n)) < 0)
+		return;
+	snprintf(reason, sizeof(reason), "host signal %s", term_sig == SIGINT ? "SIGINT" : "SIGTERM");
+	vm_request_exit(opaque, 128 + term_sig, reason);
 }
 
 static int run_main(int argc, char **argv)
@@ -138,6 +166,11 @@ static int run_main(int argc, char **argv)
 	}
 	release_setup_lines(true);
 	signal(SIGPIPE, SIG_IGN);
+	term_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (term_efd >= 0 && loop_add_fd(term_efd, EPOLLIN, terminate_on_main, vm) < 0) {
+		close(term_efd);
+		term_efd = -1;
+	}
 	signal(SIGINT, on_terminate);
 	signal(SIGTERM, on_terminate);
 	trace_startup("run");

@@ -817,9 +817,10 @@ static void vm_exit_on_main(void *opaque)
 
 	const char *why = !strncmp(r->reason, "guest reset", 11) ? "guest-reset" :
 			  !strcmp(r->reason, "quit") ? "host-qmp-quit" :
+			  !strncmp(r->reason, "host signal", 11) ? "host-signal" :
 			  r->code != 0 && strncmp(r->reason, "guest", 5) ? "guest-panic" : "guest-shutdown";
 
-	qmp_emit_event("SHUTDOWN", json_pack("{s:b, s:s}", "guest", strcmp(why, "host-qmp-quit") != 0,
+	qmp_emit_event("SHUTDOWN", json_pack("{s:b, s:s}", "guest", strncmp(why, "host-", 5) != 0,
 					     "reason", why));
 	loop_quit(r->vm->exit_code);
 	free(r);

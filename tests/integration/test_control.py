@@ -2,6 +2,7 @@
 input that must leave the VM running."""
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -97,6 +98,18 @@ def test_quit(vm):
     assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}
     assert set(ev["timestamp"]) == {"seconds", "microseconds"}
     assert vm.wait_exit(10) == 0
+    assert not os.path.exists(vm.sock)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_the_vm(vm, sig):
+    """SIGTERM/SIGINT end the VM like quit, with SHUTDOWN "host-signal"
+    (QEMU's shape) and status 128+N."""
+    vm.proc.send_signal(sig)
+    ev = vm.qmp.wait_event("SHUTDOWN", timeout=10)
+    assert ev["data"] == {"guest": False, "reason": "host-signal"}, ev
+    assert vm.wait_exit(10) == 128 + sig
+    assert "host signal %s (exit status %d)" % (sig.name, 128 + sig) in vm.stderr(), vm.stderr()
     assert not os.path.exists(vm.sock)
 
 
