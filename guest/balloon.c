@@ -30,6 +30,7 @@ static int q_stats = -1, q_report = -1;
 static bool auto_mode;
 static unsigned stride = 1;       /* balloon every stride-th page from the top */
 static bool inflight;             /* auto mode: an inflate request the device has not used yet */
+static uint32_t cfg_seen;         /* num_pages when the driver last looked */
 
 static const struct hvm_memmap_entry *map;
 static unsigned map_n;
@@ -161,8 +162,25 @@ static void post_stats(void)
 /* The device returned the stats buffer: it wants fresh numbers. */
 static void service_stats(void)
 {
-	if (q_stats >= 0 && virtio_done(&dev, (unsigned)q_stats))
+	if (q_stats >= 0 && virtio_done(&dev, (unsigned)q_stats)) {
+		if (!virtio_int_take(&dev, VIRTIO_INT_USED))
+			dev.int_missed++;
 		post_stats();
+	}
+}
+
+/* The device's target. A polling driver notices a new one by reading it;
+ * the device must also have set InterruptStatus bit 1 (config change). */
+static uint32_t read_target(void)
+{
+	uint32_t t = virtio_config_read32(&dev, CFG_NUM_PAGES);
+
+	if (t != cfg_seen) {
+		cfg_seen = t;
+		if (!virtio_int_take(&dev, VIRTIO_INT_CONFIG))
+			dev.int_missed++;
+	}
+	return t;
 }
 
 static bool ensure_ready(char *err, unsigned errlen)
@@ -194,6 +212,7 @@ static bool ensure_ready(char *err, unsigned errlen)
 			return false;
 	}
 	virtio_driver_ok(&dev);
+	cfg_seen = virtio_config_read32(&dev, CFG_NUM_PAGES);
 	if (q_stats >= 0)
 		post_stats();
 	/* After a device reset the host still holds what we gave it. */
@@ -232,6 +251,8 @@ static int reap(bool wait)
 		asm volatile("pause");
 	}
 	inflight = false;
+	if (!virtio_int_take(&dev, VIRTIO_INT_USED))
+		dev.int_missed++;
 	virtio_config_write32(&dev, CFG_ACTUAL, (uint32_t)held);
 	return 1;
 }
@@ -308,7 +329,7 @@ static int deflate(unsigned n)
 static int sync_target(unsigned max_req, bool *limited, bool async)
 {
 	for (unsigned i = 0; i < max_req; i++) {
-		uint32_t target = virtio_config_read32(&dev, CFG_NUM_PAGES);
+		uint32_t target = read_target();
 		int r;
 
 		service_stats();
@@ -402,7 +423,7 @@ static void cmd_balloon_wait(const char *name, char *rest)
 		return;
 	}
 	/* ~1 s per 2^31 TSC cycles: close enough for a timeout. */
-	while (virtio_config_read32(&dev, CFG_NUM_PAGES) == held) {
+	while (read_target() == held) {
 		service_stats();
 		if (guest_rdtsc() - t0 > (a[0].val << 31)) {
 			reply(FAIL, "balloon-wait: timeout target=%lu", held);
@@ -572,6 +593,78 @@ static void cmd_balloon_hostile(const char *name, char *rest)
 	      (st & 0x40) ? 1 : 0, st);
 }
 
+/* Interrupt bookkeeping: InterruptStatus now (then acknowledged), the
+ * driver's counts, and with nmi=1 the device's pin routed as NMI. */
+static void cmd_virtio_irq(const char *name, char *rest)
+{
+	struct arg a[] = { { "nmi", 2 } };
+	char err[96];
+	uint32_t s;
+
+	if (!parse_args(name, rest, a, 1))
+		return;
+	if (a[0].val > 2) {
+		reply(ERR, "virtio-irq: error: nmi=0|1");
+		return;
+	}
+	if (!ready_idle(err, sizeof(err))) {
+		reply(ERR, "virtio-irq: error: %s", err);
+		return;
+	}
+	if (a[0].val != 2 && !virtio_irq_nmi(&dev, a[0].val == 1)) {
+		reply(ERR, "virtio-irq: error: IRQ %d is not on the first IOAPIC", dev.irq);
+		return;
+	}
+	s = virtio_int_status(&dev);
+	read_target();   /* a new target takes bit 1 */
+	virtio_int_take(&dev, VIRTIO_INT_USED | VIRTIO_INT_CONFIG);
+	if (nmi_counting)
+		reply(OK, "virtio-irq: status=0x%x used=%u config=%u missed=%u nmi=%u", s, dev.int_used,
+		      dev.int_config, dev.int_missed, nmi_count);
+	else
+		reply(OK, "virtio-irq: status=0x%x used=%u config=%u missed=%u nmi=off", s, dev.int_used,
+		      dev.int_config, dev.int_missed);
+}
+
+/* A driver that breaks the initialisation rules (§3.1.1, §2.2.1); the
+ * device must not go live. The next command initialises it properly. */
+static void cmd_virtio_negotiate(const char *name, char *rest)
+{
+	static const char *const kinds[] = { "noversion", "unoffered", "nofeatok" };
+	struct arg a[] = { { "kind", 0 } };
+	char err[96];
+	uint32_t st, isr, qmax;
+	bool ok;
+
+	if (!parse_args(name, rest, a, 1))
+		return;
+	if (a[0].val >= sizeof(kinds) / sizeof(kinds[0])) {
+		reply(ERR, "virtio-negotiate: error: kind=0..2 (noversion unoffered nofeatok)");
+		return;
+	}
+	if (!ready_idle(err, sizeof(err))) {
+		reply(ERR, "virtio-negotiate: error: %s", err);
+		return;
+	}
+	auto_mode = false;
+	switch (a[0].val) {
+	case 0:   /* FEATURES_OK without VIRTIO_F_VERSION_1 */
+		st = virtio_bad_init(&dev, 0, 1ULL << 32, 8, &isr, &qmax);
+		ok = !(st & 8);
+		break;
+	case 1:   /* FEATURES_OK with VIRTIO_F_RING_PACKED, never offered */
+		st = virtio_bad_init(&dev, 1ULL << 34, 0, 8, &isr, &qmax);
+		ok = !(st & 8);
+		break;
+	default:  /* DRIVER_OK without FEATURES_OK */
+		st = virtio_bad_init(&dev, 0, 0, 4, &isr, &qmax);
+		ok = !(st & 4) || (st & 0x40);
+		break;
+	}
+	reply(ok ? OK : FAIL, "virtio-negotiate: kind=%s status=0x%x int=0x%x qmax=%u", kinds[a[0].val], st,
+	      isr, qmax);
+}
+
 bool balloon_command(const char *name, char *rest)
 {
 	static const struct { const char *name; void (*fn)(const char *, char *); } cmds[] = {
@@ -581,6 +674,8 @@ bool balloon_command(const char *name, char *rest)
 		{ "balloon-info", cmd_balloon_info },
 		{ "balloon-hostile", cmd_balloon_hostile },
 		{ "report-free", cmd_report_free },
+		{ "virtio-irq", cmd_virtio_irq },
+		{ "virtio-negotiate", cmd_virtio_negotiate },
 	};
 
 	for (unsigned i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)

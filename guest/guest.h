@@ -105,6 +105,9 @@ bool balloon_command(const char *name, char *rest);   /* false: not a balloon co
 void balloon_poll(void);                 /* `balloon auto=1`: follow the target */
 uint64_t balloon_clip(uint64_t base, uint64_t end);  /* end of [base,end) below the balloon */
 bool balloon_overlaps(uint64_t base, uint64_t end);
+/* virtio.c: `virtio-irq nmi=1` routes the device's interrupt as NMI; trap.c counts them. */
+extern volatile uint32_t nmi_count;
+extern bool nmi_counting;
 
 /* Linker-script symbols (guest.ld). */
 extern char __image_start[], __image_end[], __bss_start[], __bss_end[];

@@ -1,5 +1,7 @@
 /* Test guest: virtio-mmio version 2 driver core (OASIS virtio 1.2 §4.2.2,
- * §3.1.1 initialisation, §2.7 split virtqueues), polling, interrupts off.
+ * §3.1.1 initialisation, §2.7 split virtqueues), polling, interrupts off;
+ * InterruptStatus is checked and acknowledged where an interrupt handler
+ * would, and the device's pin can be routed as NMI to count deliveries.
  * Devices come from `virtio_mmio.device=` words of the command line (what
  * mdvm and QEMU's microvm pass) or the fixed mdvm address. */
 #include "guest.h"
@@ -32,6 +34,7 @@
 #define S_DRIVER_OK 4u
 #define S_FEATURES_OK 8u
 #define S_NEEDS_RESET 0x40u
+#define S_FAILED 0x80u
 #define F_VERSION_1 32
 
 /* Ring memory: one 4 KiB page per queue holds desc (1 KiB), avail and used. */
@@ -177,7 +180,7 @@ bool virtio_init(struct gvdev *d, uint64_t wanted, char *err, unsigned errlen)
 	offered |= (uint64_t)rd(d, R_DEV_FEATURES) << 32;
 	if (!(offered & (1ULL << F_VERSION_1))) {
 		ksnprintf(err, errlen, "device does not offer VIRTIO_F_VERSION_1");
-		wr(d, R_STATUS, 0x80);   /* FAILED */
+		wr(d, R_STATUS, S_FAILED);
 		return false;
 	}
 	d->features = offered & (wanted | (1ULL << F_VERSION_1));
@@ -188,7 +191,7 @@ bool virtio_init(struct gvdev *d, uint64_t wanted, char *err, unsigned errlen)
 	wr(d, R_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
 	if (!(rd(d, R_STATUS) & S_FEATURES_OK)) {
 		ksnprintf(err, errlen, "device refused features 0x%lx", d->features);
-		wr(d, R_STATUS, 0x80);
+		wr(d, R_STATUS, S_FAILED);
 		return false;
 	}
 	return true;
@@ -292,7 +295,78 @@ bool virtio_request(struct gvdev *d, unsigned qi, const uint64_t *addr, const ui
 			return false;
 		asm volatile("pause");
 	}
+	/* The device sets bit 0 when it makes the used entry visible. */
+	if (!virtio_int_take(d, VIRTIO_INT_USED))
+		d->int_missed++;
 	return true;
+}
+
+uint32_t virtio_int_status(struct gvdev *d) { return rd(d, R_INT_STATUS); }
+
+uint32_t virtio_int_take(struct gvdev *d, uint32_t mask)
+{
+	uint32_t s = rd(d, R_INT_STATUS) & mask;
+
+	if (s)
+		wr(d, R_INT_ACK, s);
+	if (s & VIRTIO_INT_USED)
+		d->int_used++;
+	if (s & VIRTIO_INT_CONFIG)
+		d->int_config++;
+	return s;
+}
+
+volatile uint32_t nmi_count;
+bool nmi_counting;
+
+bool virtio_irq_nmi(struct gvdev *d, bool on)
+{
+	unsigned pin = d->irq >= 0 ? (unsigned)d->irq : MDVM_VIRTIO_IRQ;
+	uint32_t apic_id = mmio_read32(MDVM_LAPIC_GPA + 0x20) >> 24;
+
+	if (pin >= MDVM_IOAPIC_PINS)
+		return false;
+	/* Once on, NMIs are counted for good: one may still be in flight when
+	 * the pin is masked again. */
+	if (on) {
+		nmi_counting = true;
+		/* KVM (here) delivers no NMI to a software-disabled local APIC. */
+		mmio_write32(MDVM_LAPIC_GPA + 0xf0, 0x1ff);   /* SVR: enabled, spurious vector 0xff */
+	}
+	mmio_write32(MDVM_IOAPIC_GPA, 0x11 + 2 * pin);          /* IOREGSEL: entry high */
+	mmio_write32(MDVM_IOAPIC_GPA + 0x10, apic_id << 24);
+	mmio_write32(MDVM_IOAPIC_GPA, 0x10 + 2 * pin);
+	/* NMI delivery (IF stays 0, no vector), physical, edge, active high; or masked. */
+	mmio_write32(MDVM_IOAPIC_GPA + 0x10, on ? 0x400u : 0x10000u);
+	return true;
+}
+
+uint32_t virtio_bad_init(struct gvdev *d, uint64_t add, uint64_t drop, uint32_t status,
+			 uint32_t *isr, uint32_t *qmax)
+{
+	uint64_t f;
+	uint32_t st;
+
+	virtio_reset(d);
+	wr(d, R_STATUS, S_ACK);
+	wr(d, R_STATUS, S_ACK | S_DRIVER);
+	wr(d, R_DEV_FEATURES_SEL, 0);
+	f = rd(d, R_DEV_FEATURES);
+	wr(d, R_DEV_FEATURES_SEL, 1);
+	f |= (uint64_t)rd(d, R_DEV_FEATURES) << 32;
+	f = (f | add) & ~drop;
+	wr(d, R_DRV_FEATURES_SEL, 0);
+	wr(d, R_DRV_FEATURES, (uint32_t)f);
+	wr(d, R_DRV_FEATURES_SEL, 1);
+	wr(d, R_DRV_FEATURES, (uint32_t)(f >> 32));
+	wr(d, R_STATUS, S_ACK | S_DRIVER | status);
+	st = rd(d, R_STATUS);
+	*isr = virtio_int_take(d, VIRTIO_INT_USED | VIRTIO_INT_CONFIG);
+	wr(d, R_QUEUE_SEL, 0);
+	*qmax = rd(d, R_QUEUE_NUM_MAX);
+	wr(d, R_STATUS, st | S_FAILED);   /* §3.1.1: give up, then reset */
+	virtio_reset(d);
+	return st;
 }
 
 uint32_t virtio_config_read32(struct gvdev *d, unsigned off)

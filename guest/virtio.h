@@ -1,5 +1,6 @@
 /* Test guest: a polling virtio-mmio (version 2) driver core. Interrupts stay
- * off; the driver watches the used rings. One request per queue in flight. */
+ * off; the driver watches the used rings and checks InterruptStatus as an
+ * interrupt handler would. One request per queue in flight. */
 #ifndef MDVM_GUEST_VIRTIO_H
 #define MDVM_GUEST_VIRTIO_H
 #include <stdbool.h>
@@ -7,6 +8,8 @@
 
 #define GVQ_NUM 64          /* queue size the driver uses (<= QueueNumMax) */
 #define GVQ_MAX 4
+#define VIRTIO_INT_USED 1u      /* InterruptStatus bits */
+#define VIRTIO_INT_CONFIG 2u
 
 struct vdesc { uint64_t addr; uint32_t len; uint16_t flags, next; } __attribute__((packed));
 struct vavail { uint16_t flags, idx, ring[GVQ_NUM], used_event; } __attribute__((packed));
@@ -29,6 +32,9 @@ struct gvdev {
 	uint32_t device_id;
 	uint64_t features;       /* negotiated */
 	bool ready;
+	/* InterruptStatus bits the driver acknowledged, and events (a used
+	 * buffer, a new config value) it saw without their bit: kept across resets. */
+	uint32_t int_used, int_config, int_missed;
 	struct gvq vq[GVQ_MAX];
 };
 
@@ -55,6 +61,18 @@ bool virtio_done(struct gvdev *d, unsigned q);   /* the device used it */
 bool virtio_request(struct gvdev *d, unsigned q, const uint64_t *addr, const uint32_t *len,
 		    const uint16_t *flags, unsigned n);
 void virtio_notify(struct gvdev *d, unsigned q);
+/* Read InterruptStatus and acknowledge the bits of it in mask (counted in d). */
+uint32_t virtio_int_take(struct gvdev *d, uint32_t mask);
+uint32_t virtio_int_status(struct gvdev *d);
+/* Route the device's IOAPIC pin to this CPU as an NMI (guest/trap.c counts
+ * them in nmi_count) or mask it. False if the pin is not on the first IOAPIC. */
+bool virtio_irq_nmi(struct gvdev *d, bool on);
+/* A driver that breaks §3.1.1: reset, ACK|DRIVER, accept (offered | add) &
+ * ~drop, write ACK|DRIVER|status. Returns the status read back; *isr the
+ * InterruptStatus bits then (acknowledged), *qmax QueueNumMax of queue 0.
+ * Sets FAILED and resets the device before returning. */
+uint32_t virtio_bad_init(struct gvdev *d, uint64_t add, uint64_t drop, uint32_t status,
+			 uint32_t *isr, uint32_t *qmax);
 uint32_t virtio_config_read32(struct gvdev *d, unsigned off);   /* generation-consistent */
 void virtio_config_write32(struct gvdev *d, unsigned off, uint32_t v);
 uint64_t guest_rdtsc(void);

@@ -1,7 +1,8 @@
 """virtio-balloon over virtio-mmio (docs/virtio.md), end to end: the test
 guest's driver inflates to the target QMP `balloon` sets, and the host
 process's memory (from /proc) drops by what was ballooned; deflated and
-reported pages come back zeroed; a hostile driver only gets NEEDS_RESET."""
+reported pages come back zeroed; a hostile driver only gets NEEDS_RESET or
+has FEATURES_OK refused; interrupts are signalled and delivered."""
 import os
 import shutil
 import socket
@@ -351,6 +352,88 @@ def test_hostile_driver_gets_needs_reset(vm_factory):
     assert stats(vm)["ballooned-pages"] == 1024
     balloon_to(vm, 56 * MiB)
     assert stats(vm)["ballooned-pages"] == 2048
+
+
+def irq(vm, args=""):
+    """The guest's `virtio-irq`: InterruptStatus (then acknowledged) and its counts."""
+    st, text = vm.guest(("virtio-irq " + args).strip())
+    assert st == 0 and text.startswith("virtio-irq: "), text
+    return dict(kv.split("=") for kv in text.split()[1:])
+
+
+def test_interrupt_status_and_irqfd(vm_factory):
+    """InterruptStatus bit 0 comes with every used buffer and bit 1 with every
+    new target and with NEEDS_RESET; INTERRUPT_ACK clears them; and each
+    interrupt reaches the vCPU through the irqfd and the in-kernel IOAPIC (the
+    guest routes GSI 5 as NMI and counts them) until the pin is masked."""
+    vm = vm_factory(memory="64M").start()
+    assert vm.guest("fill base=8M size=1M gen=11")[0] == 0
+    r = irq(vm, "nmi=1")                   # initialises the driver, acknowledges what was pending
+    assert (r["missed"], r["nmi"]) == ("0", "0"), r
+    assert irq(vm)["status"] == "0x0", r   # ACK cleared them
+    vm.qmp.cmd("balloon", value=60 * MiB)
+    r = irq(vm)
+    assert (r["status"], r["config"], r["nmi"]) == ("0x2", "1", "1"), r
+    st, text = vm.guest("balloon", timeout=60000)
+    assert st == 0 and text.startswith("balloon: ok target=1024 actual=1024"), text
+    # 1024 pages in requests of 256: four used buffers, each with bit 0 and an interrupt.
+    assert irq(vm) == {"status": "0x0", "used": "4", "config": "1", "missed": "0", "nmi": "5"}
+    vm.qmp.cmd("balloon", value=MEM)
+    st, text = vm.guest("balloon", timeout=60000)
+    assert st == 0 and text.startswith("balloon: ok target=0 actual=0"), text
+    assert irq(vm) == {"status": "0x0", "used": "8", "config": "2", "missed": "0", "nmi": "10"}
+    # The stats buffer handed back (refresh) is a used buffer too.
+    assert vm.qmp.cmd("query-balloon-stats", refresh=True)["refresh-requested"] is True
+    assert vm.guest("balloon")[0] == 0
+    assert irq(vm) == {"status": "0x0", "used": "9", "config": "2", "missed": "0", "nmi": "11"}
+    # NEEDS_RESET after DRIVER_OK comes with a configuration-change interrupt.
+    assert vm.guest("virtio-negotiate kind=2") == (
+        0, "virtio-negotiate: kind=nofeatok status=0x47 int=0x2 qmax=0")
+    assert irq(vm, "nmi=0") == {"status": "0x0", "used": "9", "config": "3", "missed": "0", "nmi": "12"}
+    # Masked: the bits are still set, nothing is delivered.
+    vm.qmp.cmd("balloon", value=60 * MiB)
+    st, text = vm.guest("balloon", timeout=60000)
+    assert st == 0 and text.startswith("balloon: ok target=1024 actual=1024"), text
+    assert irq(vm) == {"status": "0x0", "used": "13", "config": "4", "missed": "0", "nmi": "12"}
+    assert vm.qmp.cmd("query-status")["status"] == "running"
+    assert vm.guest("verify base=8M size=1M gen=11") == (0, "verify: ok pages=256")
+    assert vm.stderr().count("guest driver error") == 1, vm.stderr()
+
+
+# kind, status read back, InterruptStatus, mdvm's log line
+NEGOTIATE = [("noversion", "0x3", "0x0", "did not accept VIRTIO_F_VERSION_1"),
+             ("unoffered", "0x3", "0x0", "features 0x400000000 that were not offered"),
+             ("nofeatok", "0x47", "0x2", "DRIVER_OK set without FEATURES_OK")]
+
+
+def test_negotiation_rules(vm_factory):
+    """A driver that sets FEATURES_OK without VIRTIO_F_VERSION_1 or with a
+    feature that was not offered (RING_PACKED) does not get it; DRIVER_OK
+    without FEATURES_OK gets NEEDS_RESET. No queue exists in any of them, and
+    a proper initialisation afterwards works: the balloon still inflates and
+    deflates, the guest's memory is intact."""
+    vm = vm_factory(memory="64M").start()
+    assert vm.guest("fill base=8M size=1M gen=12")[0] == 0
+    balloon_to(vm, 60 * MiB)
+    for i, (kind, status, isr, log) in enumerate(NEGOTIATE):
+        n = vm.stderr().count(log)
+        st, text = vm.guest("virtio-negotiate kind=%d" % i)
+        assert (st, text) == (0, "virtio-negotiate: kind=%s status=%s int=%s qmax=0" % (kind, status, isr))
+        assert vm.stderr().count(log) == n + 1, vm.stderr()
+        assert vm.qmp.cmd("query-status")["status"] == "running"
+        st, text = vm.guest("balloon-info")             # initialises the device again
+        assert st == 0 and "status=0xf " in text and "actual=1024" in text, text
+        assert not stats(vm)["needs-reset"]
+    assert vm.stderr().count("guest driver error") == 1, vm.stderr()
+    assert vm.guest("verify base=8M size=1M gen=12") == (0, "verify: ok pages=256")
+    assert stats(vm)["ballooned-pages"] == 1024
+    balloon_to(vm, 56 * MiB)
+    assert stats(vm)["ballooned-pages"] == 2048
+    balloon_to(vm, MEM)
+    assert stats(vm)["ballooned-pages"] == 0
+    assert vm.guest("fill base=56M size=8M gen=13")[0] == 0
+    assert vm.guest("verify base=56M size=8M gen=13") == (0, "verify: ok pages=2048")
+    assert vm.guest("verify base=8M size=1M gen=12") == (0, "verify: ok pages=256")
 
 
 def test_qmp_errors_and_ctl(vm_factory, tmp_path):
