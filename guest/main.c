@@ -399,11 +399,15 @@ void testdev_mce(uint64_t status, uint64_t addr, uint32_t errors, uint32_t bad)
 
 static void cmd_walk(const char *name, char *rest)
 {
-	struct arg a[] = { { "base", 4 * MiB }, { "size", 4 * MiB }, { "sweeps", 0 } };
+	/* quiet=N: talk to the test device (an exit to mdvm) only every Nth
+	 * sweep, a guest that rarely leaves KVM_RUN (auto-converge test). */
+	struct arg a[] = { { "base", 4 * MiB }, { "size", 4 * MiB }, { "sweeps", 0 }, { "quiet", 1 } };
 	char text[TESTDEV_CMD_MAX];
 
-	if (!parse_args(name, rest, a, 3) || !check_range(name, a[0].val, a[1].val))
+	if (!parse_args(name, rest, a, 4) || !check_range(name, a[0].val, a[1].val))
 		return;
+	if (a[3].val == 0)
+		a[3].val = 1;
 	walk_base = a[0].val;
 	walk_size = a[1].val;
 	walk_sweeps = 0;
@@ -416,6 +420,8 @@ static void cmd_walk(const char *name, char *rest)
 	for (;;) {
 		sweep_checked(walk_base, balloon_clip(walk_base, walk_base + walk_size));
 		walk_sweeps++;
+		if (walk_sweeps % a[3].val && !(a[2].val && walk_sweeps >= a[2].val))
+			continue;
 		mce_poll_periodic();   /* AMD deferred errors: dropped from the next sweeps */
 		balloon_poll();   /* `balloon auto=1`; the balloon's pages are never swept */
 		if (testdev) {
