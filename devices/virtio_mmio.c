@@ -192,9 +192,10 @@ static void on_notify(void *opaque, uint32_t events)
 		return;
 	}
 	pthread_mutex_lock(&t->lock);
-	/* Linux's balloon kicks its stats queue before DRIVER_OK; FEATURES_OK
-	 * and a live queue are what processing needs. */
-	if ((t->status & VIRTIO_STATUS_FEATURES_OK) && virtio_mmio_queue(t, n->q))
+	/* §2.1.2: no buffer is used before DRIVER_OK. A driver may notify
+	 * earlier (Linux's balloon primes its stats queue); setting DRIVER_OK
+	 * kicks every queue. */
+	if (virtio_mmio_driver_ok(t) && virtio_mmio_queue(t, n->q))
 		t->ops->queue_notify(t->dev, t, n->q);
 	pthread_mutex_unlock(&t->lock);
 }

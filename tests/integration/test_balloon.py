@@ -409,8 +409,9 @@ NEGOTIATE = [("noversion", "0x3", "0x0", "did not accept VIRTIO_F_VERSION_1"),
 def test_negotiation_rules(vm_factory):
     """A driver that sets FEATURES_OK without VIRTIO_F_VERSION_1 or with a
     feature that was not offered (RING_PACKED) does not get it; DRIVER_OK
-    without FEATURES_OK gets NEEDS_RESET. No queue exists in any of them, and
-    a proper initialisation afterwards works: the balloon still inflates and
+    without FEATURES_OK gets NEEDS_RESET. No queue exists in any of them; a
+    buffer made available before DRIVER_OK waits for it. A proper
+    initialisation afterwards works: the balloon still inflates and
     deflates, the guest's memory is intact."""
     vm = vm_factory(memory="64M").start()
     assert vm.guest("fill base=8M size=1M gen=12")[0] == 0
@@ -424,6 +425,10 @@ def test_negotiation_rules(vm_factory):
         st, text = vm.guest("balloon-info")             # initialises the device again
         assert st == 0 and "status=0xf " in text and "actual=1024" in text, text
         assert not stats(vm)["needs-reset"]
+    # An inflate made available and notified before DRIVER_OK (of a page already
+    # ballooned) is used only once DRIVER_OK is set (§2.1.2).
+    assert vm.guest("virtio-negotiate kind=3") == (
+        0, "virtio-negotiate: kind=early used_before_driver_ok=0 used_after=1")
     assert vm.stderr().count("guest driver error") == 1, vm.stderr()
     assert vm.guest("verify base=8M size=1M gen=12") == (0, "verify: ok pages=256")
     assert stats(vm)["ballooned-pages"] == 1024
