@@ -99,6 +99,17 @@ struct dirty_tracker *dirty_tracker_of(struct guest_mem *gm)
 	return found;
 }
 
+void dirty_tracker_note(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
+{
+	struct dirty_tracker *t = dirty_tracker_of(gm);
+
+	if (!t || !nr)
+		return;
+	pthread_mutex_lock(&t->lock);
+	dirty_tracker_record(t, gfn, nr);
+	pthread_mutex_unlock(&t->lock);
+}
+
 static inline uint64_t range_mask(unsigned lo, unsigned hi)  /* bits [lo, hi), hi <= 64 */
 {
 	uint64_t m = hi == 64 ? ~0ULL : (1ULL << hi) - 1;

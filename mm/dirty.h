@@ -33,6 +33,11 @@ struct dirty_source {
 struct dirty_tracker *dirty_tracker_create(struct guest_mem *gm, const struct dirty_source *src);
 void dirty_tracker_destroy(struct dirty_tracker *t);
 struct dirty_tracker *dirty_tracker_of(struct guest_mem *gm);  /* NULL if none */
+/* Frames [gfn, gfn+nr) changed without a guest write (released, poisoned):
+ * recorded in every open log of gm's tracker, if any. Takes the tracker's
+ * lock, so a log being closed meanwhile is never written after its free;
+ * not for sources (they record lock-free, below). */
+void dirty_tracker_note(struct guest_mem *gm, uint64_t gfn, uint64_t nr);
 
 /* Called by sources (from harvest, or from a vCPU whose ring filled up):
  * frames [gfn, gfn+nr) / set bits of `bits` (bit i = frame gfn+i) were

@@ -626,14 +626,6 @@ int release_range_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
 	return release_range_freed_locked(gm, gfn, nr, new_type, NULL);
 }
 
-/* A page that changed type (released, replaced) is not a guest write, but a
- * migration in progress must send its new state: record it as dirty. */
-static void record_changed(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
-{
-	struct dirty_tracker *t = dirty_tracker_of(gm);
-	if (t && nr)
-		dirty_tracker_record(t, gfn, nr);
-}
 
 long mm_unpoison_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
 {
@@ -673,7 +665,7 @@ long mm_unpoison_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
 	}
 	pthread_mutex_unlock(&gm->lock);
 	if (n)
-		record_changed(gm, gfn, end - gfn);
+		dirty_tracker_note(gm, gfn, end - gfn);
 	return rc ? rc : n;
 }
 
@@ -693,7 +685,7 @@ int mm_release_range_freed(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
 	slots_flush(gm);   /* a deflated hugetlb piece may have become a folio */
 	/* After the change: a sender that takes the bit sees the new type. */
 	if (changed)
-		record_changed(gm, gfn, nr);
+		dirty_tracker_note(gm, gfn, nr);
 	return rc;
 }
 

@@ -171,9 +171,7 @@ static int poison_page(struct mce *m, uint64_t gfn)
 		return rc;
 	/* Not a guest write, but the page changed: a migration in progress
 	 * must send its new (poisoned) state again. */
-	struct dirty_tracker *dt = dirty_tracker_of(m->gm);
-	if (dt)
-		dirty_tracker_record(dt, gfn, 1);
+	dirty_tracker_note(m->gm, gfn, 1);
 	if (reserved)
 		pr_warn("memory error at GPA 0x%" PRIx64 " hit a reserved (firmware) page",
 			gfn << MM_PAGE_SHIFT);

@@ -185,7 +185,11 @@ def test_balloon(images):
     line = next(l for l in run.console.splitlines() if l.startswith("E2E inflated-memory "))
     ballooned = re.search(r'"ballooned":(\d+)', line)
     populated = re.search(r'"populated-bytes":(\d+)', line)
-    run.check(ballooned and int(ballooned.group(1)) == 65536, "ballooned pages: %s" % line)
+    # The guest kernel now and then touches a page it gave the balloon (0-2
+    # per run here, at 2 MiB-aligned GPAs); mdvm backs it again and logs
+    # "touched while in the balloon". Before mm/ kept large folios off
+    # ballooned pages, ~420 pages a run went back this way.
+    run.check(ballooned and 65536 - 64 <= int(ballooned.group(1)) <= 65536, "ballooned pages: %s" % line)
     stats = next((l for l in run.console.splitlines() if l.startswith("E2E inflated-balloon ")), "")
     dev = re.search(r'"ballooned-pages":(\d+)', stats)
     run.check(dev and int(dev.group(1)) == 65536, "the device's ballooned-pages: %s" % stats)
