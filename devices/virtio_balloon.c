@@ -277,11 +277,12 @@ static void retry_on_main(void *opaque)
 
 	virtio_mmio_lock(b->t);
 	b->retry_timer = 0;
-	if (st == VM_STATE_FINISH_MIGRATE) {
+	if (st == VM_STATE_FINISH_MIGRATE || st == VM_STATE_POSTMIGRATE) {
 		/* No guest memory changes now; a completed migration leaves
-		 * the chain to the destination (it was not consumed). */
+		 * the chain to the destination (it was not consumed), and a
+		 * source resumed by `cont` after it picks it up here. */
 		b->retry_timer = loop_add_timer(20, retry_on_main, b);
-	} else if (st != VM_STATE_POSTMIGRATE && b->retry_q >= 0 && !virtio_mmio_broken(b->t)) {
+	} else if (b->retry_q >= 0 && !virtio_mmio_broken(b->t)) {
 		balloon_queue_notify(b, b->t, (unsigned)b->retry_q);
 	}
 	virtio_mmio_unlock(b->t);
