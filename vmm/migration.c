@@ -1474,10 +1474,9 @@ static int incoming_receive(struct vm *vm, int fd, char *err, size_t errlen)
 	/* After the vCPUs' MSRs: the native back end's registers are MSRs too. */
 	if (mce_state_load(vm_mce(vm), ps.mce, ps.mce_len, err, errlen) < 0)
 		goto out;
-	/* The RTC came with version 4; a version 2-3 source keeps ours. */
 	if (serial_load(vm_serial(vm), ps.serial, ps.serial_len) < 0 ||
 	    testdev_load(vm_testdev(vm), ps.testdev, ps.testdev_len) < 0 ||
-	    (ps.rtc && rtc_load(vm_rtc(vm), ps.rtc, ps.rtc_len) < 0)) {
+	    !ps.rtc || rtc_load(vm_rtc(vm), ps.rtc, ps.rtc_len) < 0) {
 		snprintf(err, errlen, "device state not accepted (version mismatch?)");
 		goto out;
 	}
