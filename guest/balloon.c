@@ -90,8 +90,10 @@ static uint64_t ram_page_from(uint64_t a)
 	return best;
 }
 
-/* stride > 1: the pages the balloon may take are ram_top - PAGE - j * stride * PAGE. */
-static uint64_t cand_skip(uint64_t p)   /* pages from p down to the next candidate */
+/* stride > 1: the pages the balloon may take are ram_top - PAGE - j * stride * PAGE.
+ * k = cand_skip(p): p lies k pages below a candidate; the next candidate
+ * below p is stride - k pages down (k = 0: p is one). */
+static uint64_t cand_skip(uint64_t p)
 {
 	return ((ram_top - PAGE - p) / PAGE) % stride;
 }
@@ -104,9 +106,9 @@ static uint64_t cand_below(uint64_t a)
 	while ((p = ram_page_below(p)) != 0) {
 		if (!(k = cand_skip(p)))
 			return p;
-		if (p < k * PAGE)
+		if (p < (stride - k) * PAGE)
 			return 0;
-		p = p - k * PAGE + PAGE;   /* ram_page_below then tries p - k pages */
+		p = p - (stride - k) * PAGE + PAGE;   /* ram_page_below then tries that page */
 	}
 	return 0;
 }
@@ -120,7 +122,7 @@ static uint64_t cand_from(uint64_t a)
 		k = cand_skip(p);
 		if (!k)
 			return p;
-		p += (stride - k) * PAGE;
+		p += k * PAGE;
 	}
 	return ram_top;
 }
