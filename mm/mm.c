@@ -580,8 +580,11 @@ static int release_range_freed_locked(struct guest_mem *gm, uint64_t gfn, uint64
 			continue;
 		}
 		int rc = folio_split_around(gm, f, gfn, end);
-		if (rc)
+		if (rc) {
+			if (freed)   /* what went back before this folio still counts */
+				*freed += bytes;
 			return rc;
+		}
 		f = memdesc_folio(mdt_get(&gm->md, g));
 		uint64_t next = f->gfn + folio_nr_pages(f);
 		bool counted = !hugetlb || f->hpage == SIDE_HPAGE;

@@ -1,4 +1,5 @@
 /* mdvm entry point: `mdvm run ...` launches a VM, `mdvm ctl ...` talks to one. */
+#include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -85,22 +86,26 @@ static int setup_failed(const char *err)
 
 /* SIGINT/SIGTERM: the first one is handed to the main loop, which ends the
  * VM as `quit` does but with a SHUTDOWN event "host-signal" and status
- * 128+N (QEMU's shape); a second one quits at once, in case the loop is
- * stuck. Only eventfd writes and loop_quit() here: async-signal-safe. */
+ * 128+N (QEMU's shape); a second one exits at once (_exit), in case
+ * something is stuck. Only async-signal-safe calls here. */
 static int term_efd = -1;
 static volatile sig_atomic_t term_sig;
 
 static void on_terminate(int sig)
 {
 	uint64_t one = 1;
+	int saved = errno;
 
-	if (term_sig || term_efd < 0) {
+	if (term_sig)
+		_exit(128 + sig);   /* the second one: at once, whatever is stuck */
+	if (term_efd < 0) {
 		loop_quit(128 + sig);
 		return;
 	}
 	term_sig = sig;
 	if (write(term_efd, &one, sizeof(one)) < 0)
 		loop_quit(128 + sig);
+	errno = saved;
 }
 
 static void terminate_on_main(void *opaque, uint32_t events)
