@@ -336,7 +336,7 @@ static void balloon_queue_notify(void *dev, struct virtio_mmio *t, unsigned q)
 			break;
 		if (r == 1) {
 			/* Not consumed: the next look (or a destination) takes it. */
-			vq->last_avail--;
+			vq_unpop(vq);
 			b->retries++;
 			b->retry_q = (int)q;
 			if (!b->retry_timer)

@@ -128,6 +128,11 @@ int vq_pop(struct virtqueue *vq, struct vq_elem *e, char *err, size_t errlen)
 	return 1;
 }
 
+void vq_unpop(struct virtqueue *vq)
+{
+	vq->last_avail--;
+}
+
 int vq_push(struct virtqueue *vq, uint16_t head, uint32_t len)
 {
 	const struct vq_mem *m = vq->mem;

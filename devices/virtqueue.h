@@ -55,6 +55,9 @@ int  vq_check(const struct virtqueue *vq, char *err, size_t errlen);
 /* Take the next available chain: 1 popped, 0 ring empty, -1 malformed
  * (err says how; the queue must not be used again until reset). */
 int  vq_pop(struct virtqueue *vq, struct vq_elem *e, char *err, size_t errlen);
+/* Give back the chain the last vq_pop took, unconsumed: the next pop
+ * (here, or on a migration destination) returns it again. */
+void vq_unpop(struct virtqueue *vq);
 /* Return chain `head` with `len` bytes written by the device. 0 or -1. */
 int  vq_push(struct virtqueue *vq, uint16_t head, uint32_t len);
 /* Does the driver want an interrupt for used buffers (no NO_INTERRUPT flag)? */

@@ -167,7 +167,8 @@ void virtio_reset(struct gvdev *d)
 		d->vq[q].live = false;
 }
 
-bool virtio_init(struct gvdev *d, uint64_t wanted, char *err, unsigned errlen)
+/* §3.1.1 steps 1-3: reset, ACKNOWLEDGE, DRIVER; the device's features. */
+static uint64_t init_start(struct gvdev *d)
 {
 	uint64_t offered;
 
@@ -177,17 +178,28 @@ bool virtio_init(struct gvdev *d, uint64_t wanted, char *err, unsigned errlen)
 	wr(d, R_DEV_FEATURES_SEL, 0);
 	offered = rd(d, R_DEV_FEATURES);
 	wr(d, R_DEV_FEATURES_SEL, 1);
-	offered |= (uint64_t)rd(d, R_DEV_FEATURES) << 32;
+	return offered | (uint64_t)rd(d, R_DEV_FEATURES) << 32;
+}
+
+static void write_features(struct gvdev *d, uint64_t f)
+{
+	wr(d, R_DRV_FEATURES_SEL, 0);
+	wr(d, R_DRV_FEATURES, (uint32_t)f);
+	wr(d, R_DRV_FEATURES_SEL, 1);
+	wr(d, R_DRV_FEATURES, (uint32_t)(f >> 32));
+}
+
+bool virtio_init(struct gvdev *d, uint64_t wanted, char *err, unsigned errlen)
+{
+	uint64_t offered = init_start(d);
+
 	if (!(offered & (1ULL << F_VERSION_1))) {
 		ksnprintf(err, errlen, "device does not offer VIRTIO_F_VERSION_1");
 		wr(d, R_STATUS, S_FAILED);
 		return false;
 	}
 	d->features = offered & (wanted | (1ULL << F_VERSION_1));
-	wr(d, R_DRV_FEATURES_SEL, 0);
-	wr(d, R_DRV_FEATURES, (uint32_t)d->features);
-	wr(d, R_DRV_FEATURES_SEL, 1);
-	wr(d, R_DRV_FEATURES, (uint32_t)(d->features >> 32));
+	write_features(d, d->features);
 	wr(d, R_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
 	if (!(rd(d, R_STATUS) & S_FEATURES_OK)) {
 		ksnprintf(err, errlen, "device refused features 0x%lx", d->features);
@@ -344,21 +356,9 @@ bool virtio_irq_nmi(struct gvdev *d, bool on)
 uint32_t virtio_bad_init(struct gvdev *d, uint64_t add, uint64_t drop, uint32_t status,
 			 uint32_t *isr, uint32_t *qmax)
 {
-	uint64_t f;
 	uint32_t st;
 
-	virtio_reset(d);
-	wr(d, R_STATUS, S_ACK);
-	wr(d, R_STATUS, S_ACK | S_DRIVER);
-	wr(d, R_DEV_FEATURES_SEL, 0);
-	f = rd(d, R_DEV_FEATURES);
-	wr(d, R_DEV_FEATURES_SEL, 1);
-	f |= (uint64_t)rd(d, R_DEV_FEATURES) << 32;
-	f = (f | add) & ~drop;
-	wr(d, R_DRV_FEATURES_SEL, 0);
-	wr(d, R_DRV_FEATURES, (uint32_t)f);
-	wr(d, R_DRV_FEATURES_SEL, 1);
-	wr(d, R_DRV_FEATURES, (uint32_t)(f >> 32));
+	write_features(d, (init_start(d) | add) & ~drop);
 	wr(d, R_STATUS, S_ACK | S_DRIVER | status);
 	st = rd(d, R_STATUS);
 	*isr = virtio_int_take(d, VIRTIO_INT_USED | VIRTIO_INT_CONFIG);

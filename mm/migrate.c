@@ -484,15 +484,19 @@ static int region_convert(struct guest_mem *gm, struct mm_migrate_ctx *c, uint64
 {
 	int rc;
 	unsigned n;
-	uint64_t bytes = HPAGE_SIZE;
+	uint64_t bytes = 0;
 	if (gm->backing != MM_BACKING_HUGETLB || region >= gm->md.nregions)
 		return -EINVAL;
 	if (c->method == MM_MIGRATE_PAUSE && (rc = pause_start(c)))
 		return rc;
 	pthread_mutex_lock(&gm->lock);
 	if (!(rc = region_freeze(gm, region, promote, &n))) {
-		rc = promote ? promote_locked(gm, c, region)
-			     : demote_locked(gm, c, region, UINT64_MAX, &bytes);
+		if (promote) {
+			rc = promote_locked(gm, c, region);
+			bytes = HPAGE_SIZE;   /* the whole region is copied back */
+		} else {
+			rc = demote_locked(gm, c, region, UINT64_MAX, &bytes);   /* live runs only */
+		}
 		region_thaw(gm, region);
 		if (!rc) {
 			if (promote)

@@ -406,6 +406,9 @@ static bool populatable(memdesc_t md)
 static int choose_order(struct guest_mem *gm, uint64_t gfn, unsigned order_max, bool clamp,
 			uint64_t lo, uint64_t hi, bool only_unbacked)
 {
+	memdesc_t kind = mdt_get(&gm->md, gfn);
+	/* A ballooned page is backed only where asked. */
+	clamp = clamp || memdesc_type(kind) == MEMDESC_BALLOONED;
 	for (int k = (int)order_max; k >= 0; k--) {
 		uint64_t n = 1ULL << k, b = gfn & ~(n - 1);
 		if (clamp && (b < lo || b + n > hi))
@@ -415,9 +418,6 @@ static int choose_order(struct guest_mem *gm, uint64_t gfn, unsigned order_max, 
 		if (k == MM_MAX_ORDER && mdt_region_is(&gm->md, b >> REGION_SHIFT, 0))
 			return k;
 		bool ok = true;
-		memdesc_t kind = mdt_get(&gm->md, gfn);
-		if (memdesc_type(kind) == MEMDESC_BALLOONED && (b < lo || b + n > hi))
-			continue;   /* and a ballooned page only where asked */
 		for (uint64_t g = b; g < b + n && ok; g++) {
 			memdesc_t md = mdt_get(&gm->md, g);
 			ok = only_unbacked ? md == 0 : populatable(md) && md == kind;
