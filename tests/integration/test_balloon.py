@@ -614,13 +614,18 @@ def test_inflate_while_migrating(vm_factory, tmp_path):
     src.qmp.cmd("migrate-set-parameters", max_bandwidth=64 << 20)   # slow enough to overlap
     src.qmp.cmd("migrate", uri=uri)
     deadline = time.time() + 90
+    during = []   # the source's inflated pages, sampled while the migration is active
     while True:
         r = src.qmp.cmd("query-migrate")
         if r.get("status") in ("completed", "failed", "cancelled"):
             break
+        if r.get("status") == "active":
+            during.append(stats(src)["inflated-pages"])
         assert time.time() < deadline, r
         time.sleep(0.02)
     assert r["status"] == "completed", r
+    # The two overlapped: the balloon grew while pages were being sent.
+    assert len(during) >= 2 and during[-1] > during[0], during
     dst.qmp.wait_event("RESUME")
     # The destination finishes what the source started.
     while dst.qmp.cmd("query-balloon")["actual"] != 40 * MiB:
