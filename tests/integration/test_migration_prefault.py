@@ -5,6 +5,8 @@ content is wrong."""
 import socket
 import struct
 
+import pytest
+
 from mdvmtest import PAGE
 
 MEM = 64 << 20
@@ -33,7 +35,7 @@ def section(typ, payload):
     return h + struct.pack("<I", crc32c(h)) + payload
 
 
-def stream_start(version=3):
+def stream_start(version=4):
     h = b"MDVM-MIG" + struct.pack("<I", version)
     config = struct.pack("<QII", MEM, 1, 1) + struct.pack("<QQ", 0, MEM) + bytes(16 * 7)
     return h + struct.pack("<I", crc32c(h)) + section(1, config)
@@ -58,12 +60,26 @@ def test_prefault_run_outside_ram_refused(vm_factory, tmp_path):
     assert "incoming migration failed: prefault section: bad run (gfn 0x3ff8, 512 pages)" in err, err
 
 
-def test_prefault_twice_refused_and_version_2_read(vm_factory, tmp_path):
+def test_prefault_twice_refused(vm_factory, tmp_path):
     path = str(tmp_path / "in.sock")
     dst = vm_factory(cmdline="idle", memory="64M", extra=["--incoming", "unix:" + path]).start(wait_banner=False)
     run = section(9, struct.pack("<QIBBH", 0x800, 512, 1, 9, 0))
-    s = send_to(path, stream_start(version=2) + run + run)   # version 2 header is read
+    s = send_to(path, stream_start() + run + run)
     assert dst.wait_exit(30) == 1
     s.close()
     err = dst.stderr()
     assert "incoming migration failed: bad prefault section" in err, err
+
+
+@pytest.mark.parametrize("version", [2, 3, 5])
+def test_other_stream_version_refused(vm_factory, tmp_path, version):
+    """A destination reads only its own stream version (older MCE and
+    test-device sections differ); the header is refused before anything
+    is loaded."""
+    path = str(tmp_path / "in.sock")
+    dst = vm_factory(cmdline="idle", memory="64M", extra=["--incoming", "unix:" + path]).start(wait_banner=False)
+    s = send_to(path, stream_start(version=version))
+    assert dst.wait_exit(30) == 1
+    s.close()
+    err = dst.stderr()
+    assert "unsupported stream version %d (this mdvm reads version 4)" % version in err, err
