@@ -96,6 +96,15 @@ def scenario(cache, test):
             print("\nL1 reset during %s (console ended, no panic); running %s again"
                   % (last[-1] if last else "boot", "+".join(group)))
             _runs[group] = run_l1(cache, group)
+        elif "guest triple fault" in text:
+            # An L2 CPU reset by itself, no guest log before it: seen once
+            # in ~5 nested migrations (2026-11-22, source vCPU 1 while
+            # auto-converge kicked it every 10 ms), never on the host's own
+            # KVM. Cause not found (TCG's nested SVM is suspect, as for
+            # the L1 resets above). Run the group once more and say so: a
+            # fault that comes back fails the test.
+            print("\nan L2 guest triple-faulted in %s; running it again" % "+".join(group))
+            _runs[group] = run_l1(cache, group)
     rc, timeout, text = _runs[group]
     m = re.search(r"^E2E begin=%s$(.*?)^E2E finish=%s seconds=([\d.]+)" % (test, test), text, re.M | re.S)
     run = Run(test, m.group(1) if m else text, rc)
