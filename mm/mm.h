@@ -52,7 +52,8 @@ struct mm_config {
 				   * -1: populate all RAM at creation (no userfaultfd) */
 	uint64_t eager_slot_limit;/* RAM above this gets lazily registered 1 GiB memslots
 				   * (see mm_handle_mmio); default 16 GiB, ~0 = never lazy */
-	bool quiet;               /* do not print the "backing: ..." line */
+	bool quiet;               /* do not print the "backing: ..." line and notes
+				   * (tests that mean to touch ballooned pages) */
 	void (*log)(void *opaque, const char *msg);  /* instead of stderr */
 	void *log_opaque;
 };

@@ -163,7 +163,7 @@ static void handle_fault(struct guest_mem *gm, uint64_t addr)
 	case MEMDESC_UNBACKED:
 	case MEMDESC_BALLOONED: {   /* touching a ballooned page deflates it (that page only) */
 		static unsigned told;
-		if (memdesc_type(md) == MEMDESC_BALLOONED && told < 4 && ++told)
+		if (memdesc_type(md) == MEMDESC_BALLOONED && !gm->cfg.quiet && told < 4 && ++told)
 			mm_log(gm, "guest RAM: GPA 0x%llx touched while in the balloon: backed again "
 			       "(the balloon driver did not deflate it first)",
 			       (unsigned long long)(gfn << MM_PAGE_SHIFT));
