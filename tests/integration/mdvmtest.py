@@ -207,6 +207,18 @@ def run_mdvm(*args, timeout=60):
                           text=True, timeout=timeout)
 
 
+def wait_migration(vm, timeout=60):
+    """query-migrate of a source once its migration ended (completed,
+    failed or cancelled)."""
+    deadline = time.time() + timeout
+    while True:
+        r = vm.qmp.cmd("query-migrate")
+        if r.get("status") in ("completed", "failed", "cancelled"):
+            return r
+        assert time.time() < deadline, "migration did not finish: %r" % r
+        time.sleep(0.02)
+
+
 def walk_bytes(dump):
     """The walk counter byte of every page in a dump."""
     return [dump[i] for i in range(0, len(dump), PAGE)]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from mdvmtest import MDVM, PAGE, QMP, check_walk_consistent, run_mdvm
+from mdvmtest import MDVM, PAGE, QMP, check_walk_consistent, run_mdvm, wait_migration
 
 MiB = 1 << 20
 MEM = 64 * MiB
@@ -122,13 +122,7 @@ def hugetlb_vm(vm_factory, memory, extra=()):
 
 def migrate(src, dst, uri, timeout=60):
     src.qmp.cmd("migrate", uri=uri)
-    deadline = time.time() + timeout
-    while True:
-        r = src.qmp.cmd("query-migrate")
-        if r.get("status") in ("completed", "failed", "cancelled"):
-            break
-        assert time.time() < deadline, r
-        time.sleep(0.02)
+    r = wait_migration(src, timeout)
     assert r["status"] == "completed", (r, src.stderr(), dst.stderr())
     dst.qmp.wait_event("RESUME")
     return r
@@ -489,13 +483,7 @@ def test_balloon_survives_migration(vm_factory, tmp_path):
     uri = free_port_path(tmp_path)
     dst = vm_factory(memory="64M", extra=["--incoming", uri]).start(wait_banner=False)
     src.qmp.cmd("migrate", uri=uri)
-    deadline = time.time() + 60
-    while True:
-        r = src.qmp.cmd("query-migrate")
-        if r.get("status") in ("completed", "failed", "cancelled"):
-            break
-        assert time.time() < deadline, r
-        time.sleep(0.02)
+    r = wait_migration(src)
     assert r["status"] == "completed", r
     # Ballooned pages travel as markers, not data: of the 56 MiB the guest
     # touched, the 24 MiB in the balloon are not sent.
@@ -531,12 +519,7 @@ def test_reported_after_first_pass_migrates_as_unbacked(vm_factory, tmp_path):
             break
         time.sleep(0.01)
     assert src.guest("report-free base=16M size=4M") == (0, "report-free: ok pages=1024")
-    while True:
-        r = src.qmp.cmd("query-migrate")
-        if r.get("status") in ("completed", "failed", "cancelled"):
-            break
-        assert time.time() < deadline, r
-        time.sleep(0.02)
+    r = wait_migration(src, max(1, deadline - time.time()))
     assert r["status"] == "completed", r
     dst.qmp.wait_event("RESUME")
     dst.qmp.cmd("stop")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from mdvmtest import GUEST, MDVM, PAGE, check_walk_consistent
+from mdvmtest import GUEST, MDVM, PAGE, check_walk_consistent, wait_migration
 
 MEM = "64M"
 WALK_BASE, WALK_SIZE = 4 << 20, 2 << 20
@@ -198,11 +198,8 @@ def migrate(src, dst_factory, tmp_path, before=None):
 
 
 def wait_migrated(src, dst):
-    deadline = time.time() + 60
-    while src.qmp.cmd("query-migrate").get("status") not in ("completed", "failed", "cancelled"):
-        assert time.time() < deadline
-        time.sleep(0.02)
-    assert src.qmp.cmd("query-migrate")["status"] == "completed", src.qmp.cmd("query-migrate")
+    r = wait_migration(src)
+    assert r["status"] == "completed", r
     dst.qmp.wait_event("RESUME")
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from mdvmtest import PAGE, check_walk_consistent, fill_pattern, run_mdvm
+from mdvmtest import PAGE, check_walk_consistent, fill_pattern, run_mdvm, wait_migration
 
 MEM = "64M"
 WALK_BASE, WALK_SIZE = 4 << 20, 4 << 20
@@ -27,16 +27,6 @@ def free_port():
 
 def dest(vm_factory, uri, cmdline="idle"):
     return vm_factory(cmdline=cmdline, memory=MEM, extra=["--incoming", uri]).start(wait_banner=False)
-
-
-def wait_migration(vm, timeout=60):
-    deadline = time.time() + timeout
-    while True:
-        r = vm.qmp.cmd("query-migrate")
-        if r.get("status") in ("completed", "failed", "cancelled"):
-            return r
-        assert time.time() < deadline, "migration did not finish: %r" % r
-        time.sleep(0.02)
 
 
 def wait_sweeps(vm, more, timeout=30):
