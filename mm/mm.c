@@ -630,6 +630,33 @@ int release_range_locked(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
 }
 
 
+int mm_poison_page(struct guest_mem *gm, uint64_t gfn, bool *reserved)
+{
+	enum memdesc_type t = memdesc_type(memdesc_lookup(gm, gfn));
+	int rc = 0;
+
+	if (reserved)
+		*reserved = false;
+	/* A never-touched page has no host memory to fail: back it first, so
+	 * the guest still finds the error there. */
+	if (t == MEMDESC_UNBACKED || t == MEMDESC_BALLOONED)
+		rc = mm_populate(gm, gfn, 1, 0);
+	if (rc == 0)
+		rc = memdesc_memory_failure(gm, gfn);
+	/* The owner's answer is not the verdict: a reserved (firmware) page
+	 * reports -EIO after it was poisoned, and a page that stayed unbacked
+	 * reports 0 without being poisoned. */
+	if (memdesc_type(memdesc_lookup(gm, gfn)) == MEMDESC_POISONED) {
+		if (reserved)
+			*reserved = rc == -EIO;
+		/* Not a guest write, but the page changed: a migration in
+		 * progress must send its new (poisoned) state again. */
+		dirty_tracker_note(gm, gfn, 1);
+		return 0;
+	}
+	return rc < 0 ? rc : -EIO;
+}
+
 long mm_unpoison_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr)
 {
 	uint64_t end = gfn + nr;

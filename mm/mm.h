@@ -230,6 +230,11 @@ int mm_release_range_freed(struct guest_mem *gm, uint64_t gfn, uint64_t nr,
  * piece is zeroed and reused — the 2 MiB page cannot be replaced 4 KiB at a
  * time). Release/balloon never do this. Returns frames replaced or -errno. */
 long mm_unpoison_range(struct guest_mem *gm, uint64_t gfn, uint64_t nr);
+/* Poison page gfn through its memdesc owner (backing a never-touched page
+ * first, so the guest still finds the error there): 0 when it is POISONED
+ * now (recorded dirty for a migration in progress), else -errno. *reserved
+ * (may be NULL): it was a reserved (firmware) page. */
+int mm_poison_page(struct guest_mem *gm, uint64_t gfn, bool *reserved);
 
 /* Split the folio containing gfn into folios of new_order (< its order).
  * -EBUSY if it is referenced, -EINVAL if no folio / bad order. */

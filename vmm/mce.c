@@ -17,7 +17,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../mm/dirty.h"
 #include "../mm/mm.h"
 #include "config.h"
 #include "loop.h"
@@ -130,30 +129,6 @@ static bool page_poisoned(struct mce *m, uint64_t gpa)
 	return memdesc_type(memdesc_lookup(m->gm, gpa >> MM_PAGE_SHIFT)) == MEMDESC_POISONED;
 }
 
-int mce_poison_gfn(struct guest_mem *gm, uint64_t gfn, bool *reserved)
-{
-	enum memdesc_type t = memdesc_type(memdesc_lookup(gm, gfn));
-	int rc = 0;
-
-	if (reserved)
-		*reserved = false;
-	/* A never-touched page has no host memory to fail: back it first, so
-	 * the guest still finds the error there. */
-	if (t == MEMDESC_UNBACKED || t == MEMDESC_BALLOONED)
-		rc = mm_populate(gm, gfn, 1, 0);
-	if (rc == 0)
-		rc = memdesc_memory_failure(gm, gfn);
-	/* The owner's answer is not the verdict: a reserved (firmware) page
-	 * reports -EIO after it was poisoned, and a page that stayed unbacked
-	 * reports 0 without being poisoned. */
-	if (memdesc_type(memdesc_lookup(gm, gfn)) == MEMDESC_POISONED) {
-		if (reserved)
-			*reserved = rc == -EIO;
-		return 0;
-	}
-	return rc < 0 ? rc : -EIO;
-}
-
 /* Make the page POISONED through its memdesc owner; 0 or -errno
  * (-EALREADY: poisoned before, -EFAULT: not RAM). */
 static int poison_page(struct mce *m, uint64_t gfn)
@@ -166,12 +141,9 @@ static int poison_page(struct mce *m, uint64_t gfn)
 		return -EALREADY;
 	if (t == MEMDESC_MMIO || !gpa_is_ram(m, gfn << MM_PAGE_SHIFT))
 		return -EFAULT;
-	rc = mce_poison_gfn(m->gm, gfn, &reserved);
+	rc = mm_poison_page(m->gm, gfn, &reserved);
 	if (rc < 0)
 		return rc;
-	/* Not a guest write, but the page changed: a migration in progress
-	 * must send its new (poisoned) state again. */
-	dirty_tracker_note(m->gm, gfn, 1);
 	if (reserved)
 		pr_warn("memory error at GPA 0x%" PRIx64 " hit a reserved (firmware) page",
 			gfn << MM_PAGE_SHIFT);

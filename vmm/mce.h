@@ -60,11 +60,6 @@ int mce_raise_sigbus(struct mce *m, enum mce_kind kind, uint64_t hva, int cpu,
  * blob or NULL with err; load: 0 or -1 with err (vCPUs created, not run). */
 void *mce_state_save(struct mce *m, size_t *len, char *err, size_t errlen);
 int  mce_state_load(struct mce *m, const void *p, size_t len, char *err, size_t errlen);
-/* Poison guest page gfn through its memdesc owner (backing a never-touched
- * page first): 0 when it is POISONED now, else -errno. *reserved: it was a
- * reserved (firmware) page. Used by injection and the migration destination. */
-struct guest_mem;
-int  mce_poison_gfn(struct guest_mem *gm, uint64_t gfn, bool *reserved);
 /* Scheduled injections from `mdvm run --inject-memory-error-at` (cfg). */
 void mce_schedule_config(struct mce *m);
 #endif

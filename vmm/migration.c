@@ -1265,7 +1265,7 @@ static int apply_ram(struct guest_mem *gm, struct mig_in *in, uint64_t *pages,
 			for (uint64_t i = 0; i < n; i++) {
 				if (memdesc_type(memdesc_lookup(gm, rec.gfn + i)) == MEMDESC_POISONED)
 					continue;
-				int rc = mce_poison_gfn(gm, rec.gfn + i, NULL);
+				int rc = mm_poison_page(gm, rec.gfn + i, NULL);
 				if (rc < 0)
 					return snprintf(err, errlen, "cannot mark 0x%llx poisoned: %s",
 							(unsigned long long)(gpa + i * PAGE), strerror(-rc)), -1;
